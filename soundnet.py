@@ -24,16 +24,15 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SAMPLE_RATE = 22050          # Hz; the rate SoundNet was trained on
+from audio import SAMPLE_RATE, AudioError, load_audio, open_audio  # noqa: F401 (re-exported)
+
 INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
 BN_EPS = 1e-5
 DEFAULT_FEATURES = ("conv7", "y_obj", "y_scns")
@@ -222,6 +221,7 @@ class SoundNet(nn.Module):
         self.conv8, self.conv8_2 = (nn.Conv1d(h.in_channels, h.out_channels, h.kernel, h.stride)
                                     for h in HEADS)
         self._fused = None   # (parameter versions, fused GEMM weights) for `extract`
+        self.weights_sha256 = None   # of the file from_pretrained loaded
 
     @classmethod
     def from_pretrained(cls, path=WEIGHTS_PATH, device=None) -> "SoundNet":
@@ -229,8 +229,10 @@ class SoundNet(nn.Module):
         path = Path(path)
         if not path.exists():
             download_weights(path)
+        weights, sha256 = load_weights(path)
         net = cls()
-        net.load_state_dict(weights_to_state_dict(load_weights(path), net))
+        net.load_state_dict(weights_to_state_dict(weights))
+        net.weights_sha256 = sha256
         return net.eval().to(device or "cpu")
 
     # -- the trainable network --------------------------------------------------------------
@@ -474,9 +476,9 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(module), name)
 
 
-def load_weights(path) -> dict:
+def load_weights(path) -> tuple:
     """Read sound8.npy (a pickled dict of arrays) without executing code; check every key and
-    shape. Returns {"conv1": {"weights": ..., "biases": ..., ...}, ...}."""
+    shape. Returns ({"conv1": {"weights": ..., "biases": ..., ...}, ...}, file sha256)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -504,10 +506,10 @@ def load_weights(path) -> dict:
     if digest != WEIGHTS_SHA256:
         warnings.warn(f"{path}: sha256 {digest} is not that of the published sound8.npy "
                       f"({WEIGHTS_SHA256}); loading it anyway")
-    return weights
+    return weights, digest
 
 
-def weights_to_state_dict(weights: dict, net: SoundNet) -> dict:
+def weights_to_state_dict(weights: dict) -> dict:
     """sound8.npy layout (HWIO weights, BN stats) -> this module's state_dict."""
     state = {}
     prefixes, i = {}, 0
@@ -559,127 +561,6 @@ def download_weights(path=WEIGHTS_PATH) -> Path:
     partial.replace(path)
     print(f"saved {path}", file=sys.stderr)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Audio
-# ---------------------------------------------------------------------------------------------
-
-AUDIO_BLOCK_SECONDS = 10.0   # decode this much at a time: memory does not grow with file length
-CHANNEL_POLICIES = ("mean", "first")   # "first": the original Torch code's choice
-_SIGNATURES = ((b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"), (b"\xff\xf2", "MP3"),
-               (b"RIFF", "WAV"), (b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
-
-
-class AudioError(Exception):
-    """An input that cannot be decoded; the message names the file and the reason."""
-
-
-@dataclass(frozen=True)
-class AudioInfo:
-    """What the file holds before downmixing and resampling."""
-    sample_rate: int
-    channels: int
-
-
-def open_audio(path, sr: int = SAMPLE_RATE, channel: str = "mean",
-               block_seconds: float = AUDIO_BLOCK_SECONDS):
-    """Open an audio file for streaming. Returns (AudioInfo, iterator of (n,) float32 mono
-    blocks at `sr`); values are as decoded (MP3s may exceed [-1, 1] slightly).
-    libsndfile reads WAV, FLAC, Ogg, MP3 and more; other formats go through librosa's
-    audioread fallback (ffmpeg), whole. Raises AudioError naming the file and the cause."""
-    if channel not in CHANNEL_POLICIES:
-        raise ValueError(f"channel must be one of {CHANNEL_POLICIES}, not {channel!r}")
-    path = Path(path)
-    _check_is_file(path)
-    try:
-        f = sf.SoundFile(path)
-    except Exception as e:   # libsndfile cannot open it: try audioread, else explain
-        return _open_with_librosa(path, sr, channel, e)
-    info = AudioInfo(f.samplerate, f.channels)
-    return info, _guard(path, _stream_blocks(f, sr, channel, block_seconds))
-
-
-def load_audio(path, sr: int = SAMPLE_RATE, channel: str = "mean") -> np.ndarray:
-    """The whole file as a (T,) float32 mono waveform at `sr` (see open_audio)."""
-    _, blocks = open_audio(path, sr, channel)
-    wave = np.concatenate(list(blocks))
-    if wave.size == 0:
-        raise AudioError(f"{path}: no samples (the file decodes to 0 samples)")
-    return wave
-
-
-def _stream_blocks(f, sr: int, channel: str, block_seconds: float) -> Iterator[np.ndarray]:
-    with f:
-        resampler = None if f.samplerate == sr else soxr.ResampleStream(
-            f.samplerate, sr, 1, dtype="float32", quality="HQ")   # librosa's default, soxr_hq
-        n = max(1, int(block_seconds * f.samplerate))
-        while True:
-            # Read until a read returns nothing: libsndfile's frame count for MP3 is an
-            # estimate, and soundfile.blocks() pads to it.
-            block = f.read(n, dtype="float32", always_2d=True)
-            last = len(block) == 0
-            mono = _downmix(block, channel)
-            if resampler is not None:
-                mono = resampler.resample_chunk(mono, last=last)
-            if len(mono):
-                yield mono
-            if last:
-                return
-
-
-def _downmix(block: np.ndarray, channel: str) -> np.ndarray:
-    """(n, channels) -> (n,) float32."""
-    mono = block.mean(axis=1) if channel == "mean" else block[:, 0]
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-def _guard(path: Path, blocks: Iterator) -> Iterator:
-    try:
-        yield from blocks
-    except Exception as e:
-        raise AudioError(f"{path}: {_describe_failure(path, e)}") from e
-
-
-def _open_with_librosa(path: Path, sr: int, channel: str, sndfile_error: Exception):
-    import librosa   # imported here: slow to import, and only needed for unusual formats
-    try:
-        with warnings.catch_warnings():   # "PySoundFile failed. Trying audioread instead."
-            warnings.simplefilter("ignore")
-            wave, native_sr = librosa.load(path, sr=None, mono=False)
-    except Exception as e:
-        raise AudioError(f"{path}: {_describe_failure(path, sndfile_error)}") from e
-    block = wave[:, None] if wave.ndim == 1 else wave.T
-    mono = _downmix(block, channel)
-    if native_sr != sr:
-        mono = soxr.resample(mono, native_sr, sr, quality="HQ")
-    return AudioInfo(int(native_sr), block.shape[1]), iter([mono])
-
-
-def _check_is_file(path: Path):
-    if not path.exists():
-        raise AudioError(f"{path}: no such file")
-    if not path.is_file():
-        raise AudioError(f"{path}: is a directory, not an audio file" if path.is_dir()
-                         else f"{path}: not a regular file")
-    if path.stat().st_size == 0:
-        raise AudioError(f"{path}: empty file (0 bytes)")
-
-
-def _describe_failure(path: Path, error: Exception) -> str:
-    """Words for why a file did not decode. libsndfile says "File does not exist or is not a
-    regular file" for a broken MP3 and audioread's errors can be empty, so look at the bytes."""
-    with open(path, "rb") as f:
-        head = f.read(12)
-    kind = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
-    if head[4:8] == b"ftyp":
-        kind = "MP4/M4A"
-        return f"unsupported format ({kind}): libsndfile cannot read it; install ffmpeg to decode it"
-    if kind:
-        detail = str(error).strip()
-        misleading = not detail or "does not exist" in detail
-        return f"truncated or corrupt {kind} data" + ("" if misleading else f" ({detail})")
-    return "not an audio file (its contents are not a known audio format)"
 
 
 # ---------------------------------------------------------------------------------------------

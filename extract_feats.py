@@ -1,0 +1,447 @@
+"""Extract SoundNet features from a folder of audio files.
+
+    python extract_feats.py -i ./mp3 -o ./soundnet/raw                      # conv7 y_obj y_scns
+    python extract_feats.py -i ./audio -o ./feats -f .mp3 .wav --features pool5 conv7 --topk 5
+
+Writes, for every input, OUT/<feature>/<path relative to -i without extension>.npy, a
+(frames, channels) float32 array; OUT/soundnet.json says how to read them (hop, receptive field,
+first frame time of each feature) and OUT/manifest.csv has one row per input. Exit status: 0 all
+inputs ok, 1 some failed (all others done), 2 usage or configuration error (nothing done).
+
+Decoding runs in worker processes, started before torch is imported, while the model runs here.
+"""
+import argparse
+import csv
+import fcntl
+import json
+import multiprocessing
+import os
+import queue
+import sys
+import time
+import zlib
+from contextlib import contextmanager
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from audio import SAMPLE_RATE, AudioError, open_audio
+
+MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "frames", "error"]
+PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
+QUEUE_BLOCKS = 24    # decoded ~10 s blocks a worker may run ahead of the model
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+class UsageError(Exception):
+    """A configuration problem found before any work: exit 2."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-m", "--model", default=None,
+                   help="sound8.npy weights (default models/sound8.npy, fetched if missing)")
+    p.add_argument("-i", "--input", type=Path, help="folder of audio files, walked recursively")
+    p.add_argument("--list", type=Path,
+                   help="text file of audio paths, one per line (instead of walking -i; "
+                        "output paths are relative to -i if given, else to their common folder)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("-f", "--ext", nargs="+", default=[".mp3"],
+                   help="file extensions to take, e.g. -f .mp3 .wav .flac")
+    p.add_argument("--features", nargs="+", default=["conv7", "y_obj", "y_scns"],
+                   help="feature names (conv1..conv7, pool1, pool2, pool5, y_obj, y_scns) "
+                        "or Torch module indices 1-26")
+    p.add_argument("--min-seconds", type=float, default=20.0,
+                   help="repeat shorter audio whole until at least this long; 0: no tiling")
+    p.add_argument("--channel", choices=["mean", "first"], default="mean",
+                   help="downmix: mean of channels, or the first channel (original Torch code)")
+    p.add_argument("--force", action="store_true", help="redo inputs whose outputs exist")
+    p.add_argument("--workers", type=int, default=CPUS,
+                   help="decode processes (0: decode in the main process)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="files of equal decoded length run as one batch (default 1 on CPU, "
+                        "16 on a GPU); longer files than the model's chunk are streamed alone")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="process only the K-th of N deterministic parts of the inputs (1 <= K "
+                        "<= N), so N processes can share one output folder")
+    p.add_argument("--topk", type=int, default=0,
+                   help="also write OUT/predictions.csv with the top K object and scene labels")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if (args.input is None) == (args.list is None) and args.list is None:
+        p.error("give -i/--input (a folder) or --list (a file of paths)")
+    if args.shard:
+        try:
+            k, n = (int(v) for v in args.shard.split("/"))
+            assert 1 <= k <= n
+        except (ValueError, AssertionError):
+            p.error(f"--shard takes K/N with 1 <= K <= N, not {args.shard!r}")
+        args.shard = (k, n)
+    if args.workers < 0 or args.min_seconds < 0 or args.topk < 0 or (args.batch_size or 1) < 1:
+        p.error("--workers, --min-seconds and --topk must be >= 0, --batch-size >= 1")
+    args.ext = sorted({e.lower() if e.startswith(".") else "." + e.lower() for e in args.ext})
+    return args
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+def find_inputs(args) -> dict:
+    """{output key: input path}, sorted by key. The key is the path relative to the root
+    without its extension, in posix form ("a/x" for a/x.mp3). Raises UsageError when the root
+    is missing or two inputs share a key (x.mp3 and x.wav side by side)."""
+    if args.list:
+        if not args.list.is_file():
+            raise UsageError(f"--list {args.list}: no such file")
+        lines = args.list.read_text(encoding="utf-8").splitlines()
+        paths = [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
+        if not paths:
+            raise UsageError(f"--list {args.list}: no paths in it")
+        root = args.input or Path(os.path.commonpath([p.absolute().parent for p in paths]))
+    else:
+        root = args.input
+        if not root.is_dir():
+            raise UsageError(f"-i {root}: no such folder")
+        paths = sorted(Path(folder) / name
+                       for folder, dirs, files in os.walk(root)
+                       for name in dirs + files if Path(name).suffix.lower() in args.ext)
+    inputs, clashes = {}, []
+    for path in paths:
+        try:
+            relative = path.absolute().relative_to(root.absolute())
+        except ValueError:
+            raise UsageError(f"{path} is not inside -i {root}") from None
+        key = relative.with_suffix("").as_posix()
+        if key in inputs:
+            clashes.append(f"  {inputs[key]} and {path} -> {key}.npy")
+        inputs[key] = path
+    if clashes:
+        raise UsageError("inputs that would write the same output:\n" + "\n".join(clashes))
+    return dict(sorted(inputs.items()))
+
+
+def in_shard(key: str, shard) -> bool:
+    """Deterministic split by a hash of the output key: stable when files are added."""
+    return shard is None or zlib.crc32(key.encode("utf-8")) % shard[1] == shard[0] - 1
+
+
+# -- decoding (worker processes: no torch here) ---------------------------------------------------
+
+def decode_worker(paths, results, channel):
+    """Decode each path in turn into `results`: ("info", AudioInfo), then ("block", samples)
+    messages, then ("end", None); or ("error", message) at any point."""
+    for path in paths:
+        try:
+            info, blocks = open_audio(path, channel=channel)
+            results.put(("info", info))
+            for block in blocks:
+                results.put(("block", block))
+            results.put(("end", None))
+        except AudioError as e:
+            results.put(("error", str(e)))
+        except Exception as e:   # keep the worker alive for the next file
+            results.put(("error", f"{path}: {type(e).__name__}: {e}"))
+
+
+class Decoders:
+    """Decodes `paths` ahead of the model in `workers` processes, worker w taking files
+    w, w + workers, ... so files come back in order without buffering whole files.
+    Start it before importing torch: forked workers are then small and start at once."""
+
+    def __init__(self, paths, workers: int, channel: str):
+        self.paths, self.channel = list(paths), channel
+        self.workers = min(workers, len(self.paths))
+        self.context = multiprocessing.get_context("fork")
+        self.queues, self.processes = [None] * self.workers, [None] * self.workers
+        for w in range(self.workers):
+            self._start(w, first=w)
+
+    def _start(self, w: int, first: int):
+        self.queues[w] = self.context.Queue(QUEUE_BLOCKS)
+        self.processes[w] = self.context.Process(
+            target=decode_worker, args=(self.paths[first::self.workers], self.queues[w],
+                                        self.channel), daemon=True)
+        self.processes[w].start()
+
+    def busy(self, i: int) -> int:
+        """How many workers still decode once file i has been received."""
+        return sum(1 for w in range(self.workers) if i + 1 + w < len(self.paths))
+
+    def file(self, i: int):
+        """File i as (AudioInfo, iterator of blocks); raises AudioError. Run the iterator to
+        its end before asking for the next file."""
+        if not self.workers:
+            return open_audio(self.paths[i], channel=self.channel)
+        w = i % self.workers
+        kind, value = self._get(w, i)
+        if kind == "error":
+            raise AudioError(value)
+
+        def blocks():
+            while True:
+                kind, value = self._get(w, i)
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise AudioError(value)
+                yield value
+        return value, blocks()
+
+    def _get(self, w: int, i: int):
+        while True:
+            try:
+                return self.queues[w].get(timeout=1.0)
+            except queue.Empty:
+                process = self.processes[w]
+                if process.is_alive():
+                    continue
+                # The decoder died on this file (a crash in a C library, or killed): note it
+                # and carry on with that worker's next file in a fresh process.
+                self._start(w, first=i + self.workers)
+                return "error", (f"{self.paths[i]}: the decoder crashed on this file "
+                                 f"(exit code {process.exitcode})")
+
+    def close(self):
+        for process in self.processes:
+            process.kill()
+
+
+# -- output files ---------------------------------------------------------------------------------
+
+@contextmanager
+def locked(out: Path):
+    """Serialise manifest and metadata updates between --shard processes on one OUT."""
+    with open(out / ".soundnet.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class CsvLog:
+    """A CSV written as you go (rows appended under the lock, so an interrupted run keeps what
+    it did) and compacted at the end of a run: the last row per key, sorted, atomically."""
+
+    def __init__(self, path: Path, fields, key_fields):
+        self.path, self.fields, self.key_fields = path, fields, key_fields
+
+    def append(self, rows):
+        with locked(self.path.parent), open(self.path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, self.fields)
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def rows(self) -> dict:
+        """{key: last row for it}."""
+        if not self.path.exists():
+            return {}
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r.get(self.fields[0]) != self.fields[0]]
+        return {tuple(r[k] for k in self.key_fields): r for r in rows}
+
+    def compact(self, drop=lambda row: False):
+        with locked(self.path.parent):
+            rows = self.rows()
+            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+            with open(partial, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(row for key, row in sorted(rows.items()) if not drop(row))
+            os.replace(partial, self.path)
+
+
+def write_metadata(out: Path, args, layers, sha256: str):
+    """OUT/soundnet.json: what a reader needs to interpret the arrays. Refuses (UsageError) an
+    OUT whose existing arrays were made with other settings, unless --force."""
+    settings = {"sample_rate": SAMPLE_RATE, "weights_sha256": sha256,
+                "min_seconds": args.min_seconds, "channel": args.channel}
+    path = out / "soundnet.json"
+    with locked(out):
+        meta = json.loads(path.read_text()) if path.exists() else {}
+        old = {k: meta[k] for k in settings if k in meta}
+        if old and old != settings and not args.force:
+            raise UsageError(f"{out} holds features made with {old}, not {settings}: use "
+                             "another -o, or --force to redo everything with the new settings")
+        features = {} if old != settings else meta.get("features", {})
+        for layer in layers:
+            features[layer.name] = {
+                "torch_index": layer.index, "channels": layer.channels,
+                "hop_seconds": layer.hop_seconds, "hop_samples": layer.hop,
+                "receptive_field_seconds": layer.receptive_field_seconds,
+                "receptive_field_samples": layer.receptive_field,
+                "first_frame_centre_seconds": layer.first_centre_seconds,
+            }
+        meta = {**settings, "layout": "<feature>/<input path without extension>.npy: "
+                "float32 (frames, channels); frame n is centred at first_frame_centre_seconds "
+                "+ n * hop_seconds", "features": dict(sorted(features.items()))}
+        partial = path.with_name(f".soundnet.json.{os.getpid()}.partial")
+        partial.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(partial, path)
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        inputs = {k: p for k, p in find_inputs(args).items() if in_shard(k, args.shard)}
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    features = list(dict.fromkeys(args.features))
+    todo = [k for k in inputs if args.force or not all(
+        (args.output / f / f"{k}.npy").exists() for f in features)]
+    decoders = Decoders([inputs[k] for k in todo], args.workers, args.channel)
+    try:
+        return run(args, inputs, todo, decoders)
+    finally:
+        decoders.close()
+
+
+def run(args, inputs: dict, todo: list, decoders: Decoders) -> int:
+    import torch
+    import soundnet
+
+    try:
+        layers = [soundnet.get_layer(name) for name in args.features]
+        device = pick_device(args.device, torch)
+        net = soundnet.SoundNet.from_pretrained(args.model or soundnet.WEIGHTS_PATH, device)
+        args.output.mkdir(parents=True, exist_ok=True)
+        write_metadata(args.output, args, layers, net.weights_sha256)
+    except (ValueError, UsageError, soundnet.WeightsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = list(dict.fromkeys(layer.name for layer in layers))
+    heads = ["y_obj", "y_scns"] if args.topk else []
+    computed = list(dict.fromkeys(names + heads))
+    batch_size = args.batch_size or (1 if device == "cpu" else 16)
+    min_samples = int(np.ceil(args.min_seconds * SAMPLE_RATE))
+    stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)   # longer inputs are streamed
+
+    manifest = CsvLog(args.output / "manifest.csv", MANIFEST_FIELDS, ["path"])
+    predictions = CsvLog(args.output / "predictions.csv", PREDICTION_FIELDS,
+                         ["path", "head", "rank"])
+    counts = {"ok": 0, "failed": 0, "skipped": 0}
+    audio_seconds, started = 0.0, time.perf_counter()
+    bar = tqdm(total=len(inputs), unit="file", disable=args.quiet or None, dynamic_ncols=True)
+
+    def finish(row: dict, heads_out=None):
+        nonlocal audio_seconds
+        counts[row["status"]] += 1
+        manifest.append([row])
+        if heads_out:
+            predictions.append(
+                {"path": row["path"], "head": h, "rank": rank, "label": label,
+                 "probability": f"{p:.6f}"}
+                for h in heads
+                for rank, (label, p) in enumerate(soundnet.top_labels(heads_out[h], h,
+                                                                      args.topk), 1))
+        if row["status"] == "failed":
+            tqdm.write(f"failed: {row['error']}", file=sys.stderr)
+        if row["status"] != "skipped" and row.get("seconds"):
+            audio_seconds += float(row["seconds"])
+        bar.update()
+        bar.set_postfix_str(f"{audio_seconds / (time.perf_counter() - started):.0f}x realtime",
+                            refresh=False)
+
+    def save(key, info, n_samples, feats):
+        for name in names:
+            soundnet.save_array(args.output / name / f"{key}.npy", feats[name])
+        finish({"path": key, "status": "ok", "seconds": f"{n_samples / SAMPLE_RATE:.3f}",
+                "sample_rate": info.sample_rate, "channels": info.channels,
+                "frames": " ".join(f"{n}:{len(feats[n])}" for n in names)}, feats)
+
+    pending = {}   # decoded length -> [(key, info, n_samples, wave)] waiting to fill a batch
+
+    def run_batch(group):
+        feats = net.extract(np.stack([wave for *_, wave in group]), computed)
+        for i, (key, info, n_samples, _) in enumerate(group):
+            save(key, info, n_samples, {n: f[i] for n, f in feats.items()})
+
+    previous = manifest.rows()
+    for key in (k for k in inputs if k not in set(todo)):
+        saved = {h: args.output / h / f"{key}.npy" for h in heads}
+        finish({**previous.get((key,), {"path": key}), "status": "skipped", "error": ""},
+               {h: np.load(p, allow_pickle=False) for h, p in saved.items()}
+               if heads and all(p.exists() for p in saved.values()) else None)
+
+    torch.set_num_threads(max(1, CPUS - decoders.workers))
+    interrupted = False
+    try:
+        for i, key in enumerate(todo):
+            info, n_samples = None, 0
+            try:
+                info, blocks = decoders.file(i)
+                head = []   # read whole when short: tiling and batching need the whole file
+                for block in blocks:
+                    head.append(block)
+                    n_samples += len(block)
+                    if n_samples > stream_above:
+                        break
+                if n_samples > stream_above:
+                    def counted(blocks):
+                        nonlocal n_samples
+                        for block in blocks:
+                            n_samples += len(block)
+                            yield block
+                    feats = net.extract_stream(chain(head, counted(blocks)), computed)
+                    save(key, info, n_samples, feats)
+                elif n_samples == 0:
+                    raise AudioError(f"{inputs[key]}: no samples (decodes to 0 samples)")
+                else:
+                    wave = np.concatenate(head)
+                    if n_samples < min_samples:   # circular tiling, as the original did
+                        wave = np.tile(wave, -(-min_samples // n_samples))
+                    group = pending.setdefault(len(wave), [])
+                    group.append((key, info, n_samples, wave))
+                    if len(group) >= batch_size:
+                        run_batch(pending.pop(len(wave)))
+            except (AudioError, ValueError) as e:
+                where = str(inputs[key])
+                row = {"path": key, "status": "failed",
+                       "error": str(e) if str(e).startswith(where) else f"{where}: {e}"}
+                if info is not None:
+                    row.update(seconds=f"{n_samples / SAMPLE_RATE:.3f}",
+                               sample_rate=info.sample_rate, channels=info.channels)
+                finish(row)
+            # Once the decoders run out of files, give the model their cores.
+            torch.set_num_threads(max(1, CPUS - decoders.busy(i)))
+        for group in pending.values():
+            run_batch(group)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+        manifest.compact()
+        if heads:
+            predictions.compact()
+    wall = time.perf_counter() - started
+    print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped; "
+          f"{audio_seconds / 3600:.2f} h of audio in {wall:.1f} s "
+          f"({audio_seconds / max(wall, 1e-9):.0f}x realtime)"
+          + (" (interrupted)" if interrupted else ""), file=sys.stderr)
+    if interrupted:
+        return 130
+    return 1 if counts["failed"] else 0
+
+
+def pick_device(name: str, torch) -> str:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps and mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA GPU")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps, but torch sees no Apple GPU")
+    return name
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Pool SoundNet frame features into one vector per file.
+
+    python get_avg_pool.py -i ./soundnet/raw -o ./soundnet/avg_pooling/y_scns -f y_scns
+
+Reads RAW/<feature>/**/*.npy, each (frames, channels) as written by extract_feats.py, and writes
+OUT/<same relative path>.npy, a float32 vector of C values (2C for meanmax and meanstd). With
+--combined it also writes OUT/features.npy, an (N, D) float32 matrix, and OUT/index.csv
+(`row,path`), whose row r names the file of matrix row r by its relative path without .npy.
+OUT/pooling.json records how the vectors were pooled. Exit status: 0 all good, 1 some input
+arrays were bad (each reported, the rest pooled), 2 usage error.
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from soundnet import save_array
+
+DEFAULT_FEATURE = "conv7"
+# Each pool mode is a sequence of reductions over frames, concatenated in this order.
+POOLS = {"mean": ("mean",), "max": ("max",), "meanmax": ("mean", "max"), "meanstd": ("mean", "std")}
+REDUCTIONS = {
+    "mean": lambda x: x.mean(axis=0, dtype=np.float64),
+    "max": lambda x: x.max(axis=0),
+    "std": lambda x: x.std(axis=0, dtype=np.float64),  # population std (ddof=0)
+}
+COMBINED_MATRIX = "features.npy"
+COMBINED_INDEX = "index.csv"
+SETTINGS_FILE = "pooling.json"
+
+
+class BadArray(ValueError):
+    """An input array that cannot be pooled; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# One file
+# ---------------------------------------------------------------------------------------------
+
+def read_npy(path: Path) -> np.ndarray:
+    """A plain .npy array, never unpickled. Raises BadArray for anything else."""
+    try:
+        # read_array rather than np.load: np.load would also open .npz archives.
+        with open(path, "rb") as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # truncated, not .npy, object array
+        raise BadArray(f"unreadable .npy: {e}") from None
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """The (frames, channels) array at `path`, checked: real numbers, both sizes > 0, finite."""
+    frames = read_npy(path)
+    if frames.dtype.kind not in "fiu":
+        raise BadArray(f"dtype {frames.dtype} is not a real number type")
+    if frames.ndim != 2:
+        raise BadArray(f"expected shape (frames, channels), got {frames.shape}")
+    if frames.shape[0] == 0:
+        raise BadArray("zero frames")
+    if frames.shape[1] == 0:
+        raise BadArray("zero channels")
+    if not np.isfinite(frames).all():
+        raise BadArray("non-finite values (NaN or inf)")
+    return frames
+
+
+def pool_frames(frames: np.ndarray, pool: str) -> np.ndarray:
+    """(T, C) frames -> (C,) float32 vector, or (2C,) for meanmax and meanstd.
+    Sums accumulate in float64 so long files lose no precision."""
+    return np.concatenate([REDUCTIONS[r](frames) for r in POOLS[pool]]).astype(np.float32)
+
+
+def is_done(src: Path, dst: Path) -> bool:
+    """Whether dst exists and is at least as new (mtime) as src."""
+    try:
+        return dst.stat().st_mtime_ns >= src.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+# ---------------------------------------------------------------------------------------------
+
+def list_features(raw: Path) -> list:
+    """Names of the feature folders in RAW, sorted."""
+    if not raw.is_dir():
+        return []
+    return sorted(p.name for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def find_inputs(feature_dir: Path) -> list:
+    """Keys of the arrays under feature_dir: relative posix paths without .npy ('a/x'), sorted as
+    strings. Hidden names (an interrupted writer's temporary files) are skipped."""
+    keys = [p.relative_to(feature_dir).as_posix()[:-len(".npy")]
+            for p in feature_dir.rglob("*.npy") if p.is_file() and not p.name.startswith(".")]
+    return sorted(keys)
+
+
+def write_text_atomic(path: Path, text: str):
+    """Write text as UTF-8 via a temporary file in the same folder, so `path` is never partial."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        # surrogateescape: file names that are not valid UTF-8 still round-trip.
+        with open(partial, "x", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def claim_output(out_dir: Path, keys: list, settings: dict) -> bool:
+    """Make OUT agree with `settings`; returns whether its existing vectors may be reused.
+
+    When OUT/pooling.json is missing or records other settings (another --pool or input), the
+    vectors of `keys` are deleted before it is rewritten: otherwise a vector pooled the old way,
+    newer than its input, would pass the mtime check, even after an interrupted run."""
+    path = out_dir / SETTINGS_FILE
+    try:
+        if json.loads(path.read_text(encoding="utf-8")) == settings:
+            return True
+    except (OSError, ValueError):
+        pass
+    path.unlink(missing_ok=True)
+    for key in keys:
+        (out_dir / f"{key}.npy").unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(settings, indent=1) + "\n")
+    return False
+
+
+def pool_tree(feature_dir: Path, out_dir: Path, keys: list, pool: str, reuse: bool,
+              show_bar: bool):
+    """Pool every key; returns (good keys, number pooled now, number skipped as done).
+    A bad array is reported on stderr as `path: reason`, and not written."""
+    good, pooled, skipped = [], 0, 0
+    for key in tqdm(keys, unit="file", disable=not show_bar):
+        src, dst = feature_dir / f"{key}.npy", out_dir / f"{key}.npy"
+        if reuse and is_done(src, dst):
+            skipped += 1
+        else:
+            try:
+                save_array(dst, pool_frames(read_frames(src), pool))
+            except BadArray as e:
+                tqdm.write(f"{src}: {e}", file=sys.stderr)
+                continue
+            pooled += 1
+        good.append(key)
+    return good, pooled, skipped
+
+
+def write_combined(out_dir: Path, keys: list) -> tuple:
+    """Stack OUT/<key>.npy, in the order of `keys`, into OUT/features.npy (N, D) float32 and
+    write OUT/index.csv naming each row. Returns the matrix shape."""
+    rows = [read_npy(out_dir / f"{key}.npy") for key in keys]
+    shapes = sorted({row.shape for row in rows})
+    if len(shapes) > 1:
+        raise BadArray(f"vectors differ in shape {shapes}: inputs with different channel counts?")
+    matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    save_array(out_dir / COMBINED_MATRIX, matrix)
+    text = io.StringIO()
+    writer = csv.writer(text)  # quotes names holding commas, quotes or line breaks
+    writer.writerow(["row", "path"])
+    writer.writerows(enumerate(keys))
+    write_text_atomic(out_dir / COMBINED_INDEX, text.getvalue())
+    return matrix.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-i", "--input", type=Path, required=True,
+                   help="RAW folder written by extract_feats.py (holds one folder per feature)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder for the vectors")
+    p.add_argument("-f", "--feature", default=DEFAULT_FEATURE,
+                   help=f"feature folder under RAW to pool (default {DEFAULT_FEATURE})")
+    p.add_argument("--pool", choices=POOLS, default="mean",
+                   help="reduction over frames; meanmax and meanstd give 2C values (default mean)")
+    p.add_argument("--combined", action="store_true",
+                   help=f"also write {COMBINED_MATRIX} (N, D) and {COMBINED_INDEX} (row,path)")
+    p.add_argument("--force", action="store_true",
+                   help="pool every file again, even when its vector is newer than its input")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    feature_dir, out_dir = args.input / args.feature, args.output
+    if not feature_dir.is_dir():
+        found = ", ".join(list_features(args.input)) or "none"
+        return fail(f"no feature folder {feature_dir}; features found in {args.input}: {found}")
+    if feature_dir.resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
+        return fail(f"output {out_dir} is inside the input {feature_dir}; choose another folder")
+    keys = find_inputs(feature_dir)
+    if args.combined and COMBINED_MATRIX[:-len(".npy")] in keys:
+        return fail(f"{feature_dir / COMBINED_MATRIX} would be pooled onto {out_dir / COMBINED_MATRIX}, "
+                    "where --combined puts the matrix; rename it or drop --combined")
+
+    start = time.perf_counter()
+    settings = {"feature": args.feature, "input": str(feature_dir.resolve()), "pool": args.pool}
+    reuse = claim_output(out_dir, keys, settings) and not args.force
+    show_bar = not args.quiet and sys.stderr.isatty()
+    good, pooled, skipped = pool_tree(feature_dir, out_dir, keys, args.pool, reuse, show_bar)
+    failed = len(keys) - len(good)
+    status, combined = (1 if failed else 0), ""
+    if args.combined:
+        try:
+            n, d = write_combined(out_dir, good)
+            combined = f"; matrix {n} x {d} in {out_dir / COMBINED_MATRIX}"
+        except BadArray as e:
+            print(f"error: {out_dir / COMBINED_MATRIX} not written: {e}", file=sys.stderr)
+            status = 1
+    print(f"pooled {pooled} files ({skipped} skipped, {failed} failed) -> {out_dir} "
+          f"in {time.perf_counter() - start:.1f} s{combined}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
