@@ -278,7 +278,7 @@ class SoundNet(nn.Module):
         chunk = max(1, round(chunk_seconds * SAMPLE_RATE / deepest.hop)) * deepest.hop + context
         pieces = {layer.name: [] for layer in wanted}
         done = {layer.name: 0 for layer in wanted}       # frames emitted so far
-        buffer, start, total = None, 0, 0                # start: sample index of buffer[:, 0]
+        start, total = 0, 0                # start: sample index of the first pending sample
 
         def run(x: torch.Tensor, final: bool):
             todo = [layer for layer in wanted
@@ -294,12 +294,16 @@ class SoundNet(nn.Module):
                 pieces[layer.name].append(frames[:, first:end])
                 done[layer.name] += max(0, end - first)
 
-        like = None
+        like, pending, n_pending = None, [], 0           # blocks not yet joined into `buffer`
         for block in blocks:
             like = block if like is None else like
             x = self._input(block)
-            buffer = x if buffer is None else torch.cat([buffer, x], dim=1)
+            pending.append(x)
+            n_pending += x.shape[1]
             total += x.shape[1]
+            if n_pending < chunk:
+                continue
+            buffer = torch.cat(pending, dim=1)   # join once per chunk, not once per block
             while buffer.shape[1] >= chunk:
                 run(buffer[:, :chunk], final=False)
                 # Keep from the first sample an unfinished frame reads, on a multiple of the
@@ -309,11 +313,13 @@ class SoundNet(nn.Module):
                 if keep <= start:
                     raise RuntimeError("streaming extraction made no progress")
                 buffer, start = buffer[:, keep - start:], keep
-        if buffer is None:
+            pending, n_pending = [buffer], buffer.shape[1]
+        if like is None:
             raise ValueError("no audio given")
         _check_lengths(wanted, total)
-        run(buffer, final=True)
-        as_numpy, single = not isinstance(like, torch.Tensor), np.ndim(like) == 1
+        run(torch.cat(pending, dim=1), final=True)
+        as_numpy = not isinstance(like, torch.Tensor)
+        single = (np.ndim(like) if as_numpy else like.ndim) == 1
         out = {}
         for name, parts in pieces.items():
             t = torch.cat(parts, dim=1)
@@ -336,11 +342,11 @@ class SoundNet(nn.Module):
             raise ValueError(f"expected a waveform (T,) or a batch (B, T), got shape {tuple(x.shape)}")
         return x * INPUT_SCALE
 
-    @torch.inference_mode()
     def _extract(self, x: torch.Tensor, wanted: dict) -> dict:
-        """x: (B, T) scaled input. Runs each conv block as a tiled GEMM with batch norm folded
-        in (time-major), except blocks whose inner layers are wanted, which run module by
-        module. Returns {name: (B, frames, C)}."""
+        """x: (B, T) scaled input; wanted: {Torch index: name}. Runs each conv block as a tiled
+        GEMM with batch norm folded in (time-major), except blocks whose inner layers are
+        wanted, which run module by module (batch norm on its running statistics).
+        Returns {name: (B, frames, C)}."""
         fused = self._fused_weights()
         out, index = {}, 0
         x = x.unsqueeze(-1)                                   # (B, T, 1) time-major
@@ -350,7 +356,10 @@ class SoundNet(nn.Module):
             if inner:
                 y = x.transpose(1, 2)
                 for i in range(index + 1, min(index + n_modules, max(wanted)) + 1):
-                    y = self.features[i - 1](y)
+                    module = self.features[i - 1]
+                    y = (F.batch_norm(y, module.running_mean, module.running_var, module.weight,
+                                      module.bias, False, 0.0, module.eps)
+                         if isinstance(module, nn.BatchNorm1d) else module(y))
                     if i in wanted:
                         out[wanted[i]] = y.transpose(1, 2)
                 x = y.transpose(1, 2).contiguous()
@@ -370,6 +379,7 @@ class SoundNet(nn.Module):
         """Per block, (GEMM weight, bias) with eval-mode batch norm folded in, cached until a
         parameter or buffer changes."""
         tensors = list(self.parameters()) + list(self.buffers())
+        # _version counts in-place updates (optimizer steps, load_state_dict); data_ptr moves.
         version = tuple((t.data_ptr(), t._version) for t in tensors)
         if self._fused is None or self._fused[0] != version:
             modules = [m for m in self.features if isinstance(m, (nn.Conv1d, nn.BatchNorm1d))]

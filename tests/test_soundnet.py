@@ -185,13 +185,17 @@ def test_chunked_stream_equals_whole(net, n):
 
 def test_extract_uses_running_statistics_in_train_mode(net):
     wave = tone(10)
-    want = net.extract(wave, ["conv7"])["conv7"]
+    layers = ["conv1.bn", "conv7"]   # one block module by module, the others fused
+    want = net.extract(wave, layers)
+    stats = net.features[1].running_mean.clone()
     net.train()
     try:
-        got = net.extract(wave, ["conv7"])["conv7"]
+        got = net.extract(wave, layers)
     finally:
         net.eval()
-    np.testing.assert_array_equal(got, want)
+    for name in layers:
+        np.testing.assert_array_equal(got[name], want[name])
+    assert torch.equal(net.features[1].running_mean, stats)
 
 
 def test_training_works():
