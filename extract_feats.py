@@ -328,6 +328,7 @@ def run(args, inputs: dict, todo: list, decoders: Decoders) -> int:
     names = list(dict.fromkeys(layer.name for layer in layers))
     heads = ["y_obj", "y_scns"] if args.topk else []
     computed = list(dict.fromkeys(names + heads))
+    longest_minimum = max(map(soundnet.get_layer, computed), key=lambda layer: layer.min_samples)
     batch_size = args.batch_size or (1 if device == "cpu" else 16)
     min_samples = int(np.ceil(args.min_seconds * SAMPLE_RATE))
     stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)   # longer inputs are streamed
@@ -372,8 +373,8 @@ def run(args, inputs: dict, todo: list, decoders: Decoders) -> int:
         for i, (key, info, n_samples, _) in enumerate(group):
             save(key, info, n_samples, {n: f[i] for n, f in feats.items()})
 
-    previous = manifest.rows()
-    for key in (k for k in inputs if k not in set(todo)):
+    previous, todo_keys = manifest.rows(), set(todo)
+    for key in (k for k in inputs if k not in todo_keys):
         saved = {h: args.output / h / f"{key}.npy" for h in heads}
         finish({**previous.get((key,), {"path": key}), "status": "skipped", "error": ""},
                {h: np.load(p, allow_pickle=False) for h, p in saved.items()}
@@ -406,6 +407,8 @@ def run(args, inputs: dict, todo: list, decoders: Decoders) -> int:
                     wave = np.concatenate(head)
                     if n_samples < min_samples:   # circular tiling, as the original did
                         wave = np.tile(wave, -(-min_samples // n_samples))
+                    if len(wave) < longest_minimum.min_samples:   # fail it here, not its batch
+                        raise ValueError(soundnet.too_short_message(longest_minimum, len(wave)))
                     group = pending.setdefault(len(wave), [])
                     group.append((key, info, n_samples, wave))
                     if len(group) >= batch_size:

@@ -180,13 +180,16 @@ def test_bad_files_are_explained_and_the_rest_done(tmp_path):
 
 
 def test_too_short_without_tiling_fails_with_the_reason(tmp_path):
-    folder = write_corpus(tmp_path / "in", [("short.wav", 5, 22050, 1), ("long.wav", 10, 22050, 1)])
-    out = tmp_path / "out"
-    assert main("-i", folder, "-o", out, "-f", ".wav", "--min-seconds", 0, "--workers", 0) == 1
-    rows = manifest(out)
-    assert rows["long"]["status"] == "ok"
-    assert rows["short"]["status"] == "failed"
-    assert "y_obj: it needs at least 209374 samples (9.50 s" in rows["short"]["error"]
+    folder = write_corpus(tmp_path / "in", [("short.wav", 5, 22050, 1), ("short2.wav", 5, 22050, 1),
+                                            ("long.wav", 10, 22050, 1)])
+    for batch_size in (1, 2):   # a batch of too-short files fails each of them
+        out = tmp_path / f"out{batch_size}"
+        assert main("-i", folder, "-o", out, "-f", ".wav", "--min-seconds", 0, "--workers", 0,
+                    "--batch-size", batch_size) == 1
+        rows = manifest(out)
+        assert rows["long"]["status"] == "ok"
+        assert rows["short"]["status"] == rows["short2"]["status"] == "failed"
+        assert "y_obj: it needs at least 209374 samples (9.50 s" in rows["short"]["error"]
 
 
 def test_clashing_outputs_stop_before_any_work(tmp_path, capsys):
