@@ -143,6 +143,15 @@ def run_timed(cmd, stdin=None) -> dict:
     return {"wall": wall, "cpu": cpu, "stdout": result.stdout, "stderr": result.stderr}
 
 
+def cpu_seconds() -> tuple:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its waited-for
+    children): their difference over a run is what other processes used meanwhile."""
+    busy = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    ours = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return ((sum(busy) - busy[3] - busy[4]) / os.sysconf("SC_CLK_TCK"),   # minus idle, iowait
+            sum(u.ru_utime + u.ru_stime for u in ours))
+
+
 def tree(root: int) -> list:
     """root and all its descendants, by the parent links in /proc/*/stat."""
     children = {}
@@ -236,11 +245,13 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list)
     rows = [("measurement", "median", "x-realtime", "runs", "")]
 
     def row(name, key, seconds=None, unit="s", note=""):
+        def fmt(v):
+            return f"{v:.0f}" if unit != "s" else f"{v:.3f}" if v < 1 else f"{v:.2f}"
+
         if key in res:
-            fmt = "{:.2f}" if unit == "s" else "{:.0f}"
-            rows.append((name, fmt.format(med[key]) + " " + unit,
+            rows.append((name, f"{fmt(med[key])} {unit}",
                          f"{seconds / med[key]:.0f}x" if seconds else "",
-                         " ".join(fmt.format(v) for v in res[key]), note))
+                         " ".join(fmt(v) for v in res[key]), note))
 
     corpus = f"{audio_s / 3600:.2f} h, {n_files} files"
     for dev in devices:
@@ -272,6 +283,8 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list)
     row("  same, PSS (pages shared after fork once)", "long pss", unit="MB")
     row("peak RSS librosa.load on 30-min file, 1 process", "decode long rss", unit="MB")
     row("  its wall", "decode long wall", long_s)
+    row("CPU used by other processes during a repeat", "other load",
+        note="noise: ~0 when the machine was otherwise idle")
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     rows.insert(1, tuple("-" * w for w in widths))
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -328,6 +341,7 @@ def main(argv=None):
         run_timed(decode_cmd, file_list)
         for r in range(args.repeats):
             print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr)
+            busy, ours = cpu_seconds()
             for dev in devices:                                                          # A
                 out = Path(tmp) / f"out{r}{dev}"
                 run = run_timed(extractor_cmd(corpus, out, exts, dev))
@@ -352,6 +366,8 @@ def main(argv=None):
                 run = run_sampled(decode_cmd, str(long_file))
                 add("decode long wall", run["wall"])
                 add("decode long rss", run["rss"])
+            busy_after, ours_after = cpu_seconds()
+            add("other load", max(0.0, (busy_after - busy) - (ours_after - ours)))
             print("  " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in res.items()), file=sys.stderr)
 
     lines = [f"SoundNet benchmark: {machine()}",
