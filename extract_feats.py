@@ -413,6 +413,10 @@ def run(args, inputs: dict, todo: list, decoders: Decoders) -> int:
                     group.append((key, info, n_samples, wave))
                     if len(group) >= batch_size:
                         run_batch(pending.pop(len(wave)))
+                    elif sum(map(len, pending.values())) >= batch_size:
+                        # Lengths differ: run what waits rather than hold ever more files.
+                        for length in list(pending):
+                            run_batch(pending.pop(length))
             except (AudioError, ValueError) as e:
                 where = str(inputs[key])
                 row = {"path": key, "status": "failed",

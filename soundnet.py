@@ -228,8 +228,9 @@ class SoundNet(nn.Module):
         if not path.exists():
             download_weights(path)
         weights, sha256 = load_weights(path)
-        net = cls()
-        net.load_state_dict(weights_to_state_dict(weights))
+        with torch.device("meta"):   # no random initialisation to overwrite
+            net = cls()
+        net.load_state_dict(weights_to_state_dict(weights), assign=True)
         net.weights_sha256 = sha256
         return net.eval().to(device or "cpu")
 
@@ -295,15 +296,15 @@ class SoundNet(nn.Module):
                 done[layer.name] += max(0, end - first)
 
         like, pending, n_pending = None, [], 0           # blocks not yet joined into `buffer`
-        for block in blocks:
-            like = block if like is None else like
-            x = self._input(block)
+        for x in self._pieces(blocks, chunk):
+            like = x if like is None else like
+            x = self._input(x)
             pending.append(x)
             n_pending += x.shape[1]
             total += x.shape[1]
             if n_pending < chunk:
                 continue
-            buffer = torch.cat(pending, dim=1)   # join once per chunk, not once per block
+            buffer = _join(pending)   # once per chunk, not once per block
             while buffer.shape[1] >= chunk:
                 run(buffer[:, :chunk], final=False)
                 # Keep from the first sample an unfinished frame reads, on a multiple of the
@@ -317,7 +318,7 @@ class SoundNet(nn.Module):
         if like is None:
             raise ValueError("no audio given")
         _check_lengths(wanted, total)
-        run(torch.cat(pending, dim=1), final=True)
+        run(_join(pending), final=True)
         as_numpy = not isinstance(like, torch.Tensor)
         single = (np.ndim(like) if as_numpy else like.ndim) == 1
         out = {}
@@ -332,6 +333,15 @@ class SoundNet(nn.Module):
         return get_layer(layer).timestamps(n_frames)
 
     # -- internals ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _pieces(blocks: Iterable, size: int):
+        """The blocks, long ones cut into views of at most `size` samples along time, so a
+        long input is converted and scaled a piece at a time."""
+        for block in blocks:
+            block = block if isinstance(block, (torch.Tensor, np.ndarray)) else np.asarray(block)
+            for start in range(0, max(block.shape[-1], 1), size):
+                yield block[..., start:start + size]
 
     def _input(self, wave) -> torch.Tensor:
         """(T,) or (B, T) waveform -> (B, T) float32 network input, scaled by INPUT_SCALE."""
@@ -349,30 +359,31 @@ class SoundNet(nn.Module):
         Returns {name: (B, frames, C)}."""
         fused = self._fused_weights()
         out, index = {}, 0
-        x = x.unsqueeze(-1)                                   # (B, T, 1) time-major
-        for b, (weight, bias) in zip(BLOCKS, fused):
+        # Time-major (B, T, C) throughout, each block's input already zero-padded for it.
+        x = F.pad(x, (BLOCKS[0].padding, BLOCKS[0].padding)).unsqueeze(-1)
+        for i, (b, (weight, bias)) in enumerate(zip(BLOCKS, fused)):
+            pad = BLOCKS[i + 1].padding if i + 1 < len(BLOCKS) else 0   # for the next block
             n_modules = 4 if b.pool > 1 else 3
-            inner = [i for i in range(index + 1, index + n_modules) if i in wanted]
-            if inner:
-                y = x.transpose(1, 2)
-                for i in range(index + 1, min(index + n_modules, max(wanted)) + 1):
-                    module = self.features[i - 1]
+            if any(j in wanted for j in range(index + 1, index + n_modules)):
+                y = x[:, b.padding:x.shape[1] - b.padding].transpose(1, 2)
+                for j in range(index + 1, min(index + n_modules, max(wanted)) + 1):
+                    module = self.features[j - 1]
                     y = (F.batch_norm(y, module.running_mean, module.running_var, module.weight,
                                       module.bias, False, 0.0, module.eps)
                          if isinstance(module, nn.BatchNorm1d) else module(y))
-                    if i in wanted:
-                        out[wanted[i]] = y.transpose(1, 2)
-                x = y.transpose(1, 2).contiguous()
+                    if j in wanted:
+                        out[wanted[j]] = y.transpose(1, 2)
+                x = F.pad(y, (pad, pad)).transpose(1, 2).contiguous()
             else:
-                x = _conv_block(x, weight, bias, b)
+                x = _conv_block(x, weight, bias, b, pad)
             index += n_modules
             if index in wanted:
-                out[wanted[index]] = x
+                out[wanted[index]] = x[:, pad:x.shape[1] - pad]
             if index >= max(wanted):
                 return out
-        for i, h, (weight, bias) in zip((25, 26), HEADS, fused[len(BLOCKS):]):
-            if i in wanted:
-                out[wanted[i]] = _conv_block(x, weight, bias, h)
+        for j, h, (weight, bias) in zip((25, 26), HEADS, fused[len(BLOCKS):]):
+            if j in wanted:
+                out[wanted[j]] = _conv_block(x, weight, bias, h)
         return out
 
     def _fused_weights(self) -> list:
@@ -388,6 +399,10 @@ class SoundNet(nn.Module):
             self._fused = (version, [_gemm_weights(b, conv, bn)
                                      for b, (conv, bn) in zip(BLOCKS + HEADS, convs)])
         return self._fused[1]
+
+
+def _join(pieces: list) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 def _check_lengths(layers, n_samples: int) -> dict:
@@ -423,30 +438,33 @@ def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn) -> tuple:
     return matrix.reshape(block.span * c_in, block.pool * c_out), bias
 
 
-def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                block: ConvBlock) -> torch.Tensor:
-    """x: (B, T, C_in) time-major -> (B, T_out, C_out): conv (+ folded BN) + ReLU + max-pool
-    of one block, as GEMMs over tiles of output frames so each tile's input stays in cache."""
-    batch, _, c_in = x.shape
-    x = F.pad(x, (0, 0, block.padding, block.padding)).contiguous()
-    n_conv = (x.shape[1] - block.kernel) // block.stride + 1
-    n_out = n_conv // block.pool
+def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: ConvBlock,
+                pad_after: int = 0) -> torch.Tensor:
+    """One block: conv (+ folded BN) + ReLU + max-pool, as GEMMs over tiles of output frames so
+    each tile's input stays in cache. x: (B, T + 2 * block.padding, C_in), time-major and
+    already zero-padded -> (B, T_out + 2 * pad_after, C_out), zero-padded for the next block
+    (padding in place saves a copy of every layer)."""
+    batch, length, c_in = x.shape
+    n_out = ((length - block.kernel) // block.stride + 1) // block.pool
     # rows[b, r] = the span input frames of output frame r: a strided view, no copy yet.
-    rows = x.as_strided((batch, n_out, block.span * c_in),
-                        (x.stride(0), block.pool * block.stride * c_in, 1))
-    out = x.new_empty(batch, n_out, block.out_channels)
+    rows = x.contiguous().as_strided((batch, n_out, block.span * c_in),
+                                     (length * c_in, block.pool * block.stride * c_in, 1))
+    out = x.new_empty(batch, n_out + 2 * pad_after, block.out_channels)
+    out[:, :pad_after] = 0
+    out[:, n_out + pad_after:] = 0
+    frames = out[:, pad_after:pad_after + n_out]
     tile = max(MIN_TILE_ROWS // batch, TILE_BYTES // (block.span * c_in * 4 * batch), 1)
     for start in range(0, n_out, tile):
         y = rows[:, start:start + tile].reshape(-1, rows.shape[-1]) @ weight
-        # Max over the pool window by halving the columns: contiguous, and here several times
-        # faster than amax over a middle dimension of 16 channels.
+        # Max over the pool window by halving the columns (pools are powers of two):
+        # contiguous, and here several times faster than amax over a middle dimension.
         while y.shape[1] > block.out_channels:
             half = y.shape[1] // 2
             y = torch.maximum(y[:, :half], y[:, half:])
         y += bias
         if not block.head:
             y.clamp_(min=0)
-        out[:, start:start + tile] = y.view(batch, -1, block.out_channels)
+        frames[:, start:start + tile] = y.view(batch, -1, block.out_channels)
     return out
 
 

@@ -90,9 +90,15 @@ def _stream_blocks(f, sr: int, channel: str, block_seconds: float) -> Iterator[n
 
 
 def _downmix(block: np.ndarray, channel: str) -> np.ndarray:
-    """(n, channels) -> (n,) float32."""
-    mono = block.mean(axis=1) if channel == "mean" else block[:, 0]
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    """(n, channels) -> (n,) float32. Sums channel columns one at a time: block.mean(axis=1)
+    (the same values up to float rounding) costs more than decoding the MP3 itself."""
+    if channel == "first" or block.shape[1] == 1:
+        return np.ascontiguousarray(block[:, 0], dtype=np.float32)
+    mono = block[:, 0] + block[:, 1]
+    for c in range(2, block.shape[1]):
+        mono += block[:, c]
+    mono /= block.shape[1]
+    return mono.astype(np.float32, copy=False)
 
 
 def _guard(path: Path, blocks: Iterator) -> Iterator:
