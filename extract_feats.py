@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from soundnet_io import SAMPLE_RATE, AudioError, atomic_write, open_audio, save_array
+from soundnet_io import (CHANNEL_POLICIES, SAMPLE_RATE, AudioError, atomic_write, open_audio,
+                          save_array)
 
 MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "frames", "error"]
 PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
@@ -57,7 +58,7 @@ def parse_args(argv):
                         "or Torch module indices 1-26")
     p.add_argument("--min-seconds", type=float, default=20.0,
                    help="repeat shorter audio whole until at least this long; 0: no tiling")
-    p.add_argument("--channel", choices=["mean", "first"], default="mean",
+    p.add_argument("--channel", choices=CHANNEL_POLICIES, default="mean",
                    help="downmix: mean of channels, or the first channel (original Torch code)")
     p.add_argument("--force", action="store_true", help="redo inputs whose outputs exist")
     p.add_argument("--workers", type=int, default=CPUS,
@@ -73,15 +74,13 @@ def parse_args(argv):
                    help="also write OUT/predictions.csv with the top K object and scene labels")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if (args.input is None) == (args.list is None) and args.list is None:
+    if args.input is None and args.list is None:
         p.error("give -i/--input (a folder) or --list (a file of paths)")
     if args.shard:
-        try:
-            k, n = (int(v) for v in args.shard.split("/"))
-            assert 1 <= k <= n
-        except (ValueError, AssertionError):
+        k, _, n = args.shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
             p.error(f"--shard takes K/N with 1 <= K <= N, not {args.shard!r}")
-        args.shard = (k, n)
+        args.shard = (int(k), int(n))
     if args.workers < 0 or args.min_seconds < 0 or args.topk < 0 or (args.batch_size or 1) < 1:
         p.error("--workers, --min-seconds and --topk must be >= 0, --batch-size >= 1")
     args.ext = sorted({e.lower() if e.startswith(".") else "." + e.lower() for e in args.ext})
@@ -131,9 +130,9 @@ def in_shard(key: str, shard) -> bool:
 
 # -- decoding (worker processes: no torch here) ---------------------------------------------------
 
-def decode_worker(paths, results, channel):
-    """Decode each path in turn into `results`: ("info", AudioInfo), then ("block", samples)
-    messages, then ("end", None); or ("error", message) at any point."""
+def decode_worker(tasks, results, channel):
+    """Takes one list of paths from `tasks`, then decodes each in turn into `results`:
+    ("info", AudioInfo), ("block", samples)..., ("end", None); or ("error", message)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
     parent = os.getppid()
 
@@ -145,7 +144,7 @@ def decode_worker(paths, results, channel):
                 if os.getppid() != parent:   # the main process is gone (killed): stop too
                     os._exit(1)
 
-    for path in paths:
+    for path in tasks.get():
         try:
             info, blocks = open_audio(path, channel=channel)
             put(("info", info))
@@ -159,42 +158,44 @@ def decode_worker(paths, results, channel):
 
 
 class Decoders:
-    """Decodes `paths` ahead of the model in `workers` processes, worker w taking files
-    w, w + workers, ... so files come back in order without buffering whole files.
-    Start it before importing torch: forked workers are then small and start at once."""
+    """Decodes files ahead of the model in worker processes, worker w taking files w,
+    w + workers, ... so files come back in order without buffering whole files.
+    Create it before importing torch (forked workers are then small and start at once); hand
+    it the paths with `start` once the work is known."""
 
-    def __init__(self, paths, workers: int, channel: str):
-        self.paths, self.channel = list(paths), channel
-        self.workers = min(workers, len(self.paths))
-        self.context = multiprocessing.get_context("fork")
-        self.queues, self.processes = [None] * self.workers, [None] * self.workers
-        for w in range(self.workers):
-            self._start(w, first=w)
+    def __init__(self, workers: int, channel: str):
+        self.channel, self.paths = channel, []
+        context = multiprocessing.get_context("fork")
+        self.workers = [self._launch(context) for _ in range(workers)]
 
-    def _start(self, w: int, first: int):
-        self.queues[w] = self.context.Queue(QUEUE_BLOCKS)
-        self.processes[w] = self.context.Process(
-            target=decode_worker, args=(self.paths[first::self.workers], self.queues[w],
-                                        self.channel), daemon=True)
-        self.processes[w].start()
+    def _launch(self, context):
+        tasks, results = context.SimpleQueue(), context.Queue(QUEUE_BLOCKS)
+        process = context.Process(target=decode_worker, args=(tasks, results, self.channel),
+                                  daemon=True)
+        process.start()
+        return process, tasks, results
+
+    def start(self, paths: list):
+        self.paths = list(paths)
+        for w, (_, tasks, _) in enumerate(self.workers):
+            tasks.put(self.paths[w::len(self.workers)])
 
     def busy(self, i: int) -> int:
         """How many workers still decode once file i has been received."""
-        return sum(1 for w in range(self.workers) if i + 1 + w < len(self.paths))
+        return sum(1 for w in range(len(self.workers)) if i + 1 + w < len(self.paths))
 
     def file(self, i: int):
         """File i as (AudioInfo, iterator of blocks); raises AudioError. Run the iterator to
         its end before asking for the next file."""
         if not self.workers:
             return open_audio(self.paths[i], channel=self.channel)
-        w = i % self.workers
-        kind, value = self._get(w, i)
+        kind, value = self._get(i)
         if kind == "error":
             raise AudioError(value)
 
         def blocks():
             while True:
-                kind, value = self._get(w, i)
+                kind, value = self._get(i)
                 if kind == "end":
                     return
                 if kind == "error":
@@ -202,22 +203,25 @@ class Decoders:
                 yield value
         return value, blocks()
 
-    def _get(self, w: int, i: int):
+    def _get(self, i: int):
+        n = len(self.workers)
+        process, _, results = self.workers[i % n]
         while True:
             try:
-                return self.queues[w].get(timeout=1.0)
+                return results.get(timeout=1.0)
             except queue.Empty:
-                process = self.processes[w]
                 if process.is_alive():
                     continue
-                # The decoder died on this file (a crash in a C library, or killed): note it
-                # and carry on with that worker's next file in a fresh process.
-                self._start(w, first=i + self.workers)
-                return "error", (f"{self.paths[i]}: the decoder crashed on this file "
-                                 f"(exit code {process.exitcode})")
+            # The decoder died on this file (a crash in a C library, or killed): report it and
+            # go on with that worker's next files in a new process, spawned rather than forked
+            # now that this process runs torch's threads.
+            self.workers[i % n] = self._launch(multiprocessing.get_context("spawn"))
+            self.workers[i % n][1].put(self.paths[i + n::n])
+            return "error", (f"{self.paths[i]}: the decoder crashed on this file "
+                             f"(exit code {process.exitcode})")
 
     def close(self):
-        for process in self.processes:
+        for process, _, _ in self.workers:
             process.kill()
 
 
@@ -302,17 +306,14 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    features = list(dict.fromkeys(args.features))
-    todo = [k for k in inputs if args.force or not all(
-        (args.output / f / f"{k}.npy").exists() for f in features)]
-    decoders = Decoders([inputs[k] for k in todo], args.workers, args.channel)
+    decoders = Decoders(min(args.workers, len(inputs)), args.channel)   # before torch
     try:
-        return run(args, inputs, todo, decoders)
+        return run(args, inputs, decoders)
     finally:
         decoders.close()
 
 
-def run(args, inputs: dict, todo: list, decoders: Decoders) -> int:
+def run(args, inputs: dict, decoders: Decoders) -> int:
     import torch
     import soundnet
 
@@ -325,62 +326,14 @@ def run(args, inputs: dict, todo: list, decoders: Decoders) -> int:
     except (ValueError, UsageError, soundnet.WeightsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = list(dict.fromkeys(layer.name for layer in layers))
-    heads = ["y_obj", "y_scns"] if args.topk else []
-    computed = list(dict.fromkeys(names + heads))
-    longest_minimum = max(map(soundnet.get_layer, computed), key=lambda layer: layer.min_samples)
-    batch_size = args.batch_size or (1 if device == "cpu" else 16)
-    min_samples = int(np.ceil(args.min_seconds * SAMPLE_RATE))
-    stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)   # longer inputs are streamed
-
-    manifest = CsvLog(args.output / "manifest.csv", MANIFEST_FIELDS, ["path"])
-    predictions = CsvLog(args.output / "predictions.csv", PREDICTION_FIELDS,
-                         ["path", "head", "rank"])
-    counts = {"ok": 0, "failed": 0, "skipped": 0}
-    audio_seconds, started = 0.0, time.perf_counter()
-    bar = tqdm(total=len(inputs), unit="file", disable=args.quiet or None, dynamic_ncols=True)
-
-    def finish(row: dict, heads_out=None):
-        nonlocal audio_seconds
-        counts[row["status"]] += 1
-        manifest.append([row])
-        if heads_out:
-            predictions.append(
-                {"path": row["path"], "head": h, "rank": rank, "label": label,
-                 "probability": f"{p:.6f}"}
-                for h in heads
-                for rank, (label, p) in enumerate(soundnet.top_labels(heads_out[h], h,
-                                                                      args.topk), 1))
-        if row["status"] == "failed":
-            tqdm.write(f"failed: {row['error']}", file=sys.stderr)
-        if row["status"] != "skipped" and row.get("seconds"):
-            audio_seconds += float(row["seconds"])
-        bar.update()
-        bar.set_postfix_str(f"{audio_seconds / (time.perf_counter() - started):.0f}x realtime",
-                            refresh=False)
-
-    def save(key, info, n_samples, feats):
-        for name in names:
-            save_array(args.output / name / f"{key}.npy", feats[name])
-        finish({"path": key, "status": "ok", "seconds": f"{n_samples / SAMPLE_RATE:.3f}",
-                "sample_rate": info.sample_rate, "channels": info.channels,
-                "frames": " ".join(f"{n}:{len(feats[n])}" for n in names)}, feats)
-
-    pending = {}   # decoded length -> [(key, info, n_samples, wave)] waiting to fill a batch
-
-    def run_batch(group):
-        feats = net.extract(np.stack([wave for *_, wave in group]), computed)
-        for i, (key, info, n_samples, _) in enumerate(group):
-            save(key, info, n_samples, {n: f[i] for n, f in feats.items()})
-
-    previous, todo_keys = manifest.rows(), set(todo)
-    for key in (k for k in inputs if k not in todo_keys):
-        saved = {h: args.output / h / f"{key}.npy" for h in heads}
-        finish({**previous.get((key,), {"path": key}), "status": "skipped", "error": ""},
-               {h: np.load(p, allow_pickle=False) for h, p in saved.items()}
-               if heads and all(p.exists() for p in saved.values()) else None)
-
-    torch.set_num_threads(max(1, CPUS - decoders.workers))
+    job = Extraction(args, net, layers, device, len(inputs))
+    todo = [k for k in inputs if args.force or not job.done(k)]
+    decoders.start([inputs[k] for k in todo])
+    todo_keys = set(todo)
+    for key in inputs:
+        if key not in todo_keys:
+            job.skip(key)
+    torch.set_num_threads(max(1, CPUS - len(decoders.workers)))
     interrupted = False
     try:
         for i, key in enumerate(todo):
@@ -391,59 +344,153 @@ def run(args, inputs: dict, todo: list, decoders: Decoders) -> int:
                 for block in blocks:
                     head.append(block)
                     n_samples += len(block)
-                    if n_samples > stream_above:
+                    if n_samples > job.stream_above:
                         break
-                if n_samples > stream_above:
-                    def counted(blocks):
-                        nonlocal n_samples
-                        for block in blocks:
-                            n_samples += len(block)
-                            yield block
-                    feats = net.extract_stream(chain(head, counted(blocks)), computed)
-                    save(key, info, n_samples, feats)
-                elif n_samples == 0:
-                    raise AudioError(f"{inputs[key]}: no samples (decodes to 0 samples)")
+                if n_samples > job.stream_above:
+                    n_samples = job.stream(key, info, chain(head, blocks))
                 else:
-                    wave = np.concatenate(head)
-                    if n_samples < min_samples:   # circular tiling, as the original did
-                        wave = np.tile(wave, -(-min_samples // n_samples))
-                    if len(wave) < longest_minimum.min_samples:   # fail it here, not its batch
-                        raise ValueError(soundnet.too_short_message(longest_minimum, len(wave)))
-                    group = pending.setdefault(len(wave), [])
-                    group.append((key, info, n_samples, wave))
-                    if len(group) >= batch_size:
-                        run_batch(pending.pop(len(wave)))
-                    elif sum(map(len, pending.values())) >= batch_size:
-                        # Lengths differ: run what waits rather than hold ever more files.
-                        for length in list(pending):
-                            run_batch(pending.pop(length))
+                    job.add(key, info, head)
             except (AudioError, ValueError) as e:
-                where = str(inputs[key])
-                row = {"path": key, "status": "failed",
-                       "error": str(e) if str(e).startswith(where) else f"{where}: {e}"}
-                if info is not None:
-                    row.update(seconds=f"{n_samples / SAMPLE_RATE:.3f}",
-                               sample_rate=info.sample_rate, channels=info.channels)
-                finish(row)
+                job.fail(key, inputs[key], e, info, n_samples)
             # Once the decoders run out of files, give the model their cores.
             torch.set_num_threads(max(1, CPUS - decoders.busy(i)))
-        for group in pending.values():
-            run_batch(group)
+        job.flush()
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        bar.close()
-        manifest.compact()
-        if heads:
-            predictions.compact()
-    wall = time.perf_counter() - started
-    print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped; "
-          f"{audio_seconds / 3600:.2f} h of audio in {wall:.1f} s "
-          f"({audio_seconds / max(wall, 1e-9):.0f}x realtime)"
-          + (" (interrupted)" if interrupted else ""), file=sys.stderr)
+        job.close()
+    print(job.summary() + (" (interrupted)" if interrupted else ""), file=sys.stderr)
     if interrupted:
         return 130
-    return 1 if counts["failed"] else 0
+    return 1 if job.counts["failed"] else 0
+
+
+class Extraction:
+    """The outputs of one run: feature arrays, manifest and predictions rows, counts, the
+    progress bar; and the batching of short files."""
+
+    def __init__(self, args, net, layers, device: str, n_inputs: int):
+        import soundnet
+        self.soundnet, self.args, self.net, self.out = soundnet, args, net, args.output
+        self.names = list(dict.fromkeys(layer.name for layer in layers))
+        self.heads = ["y_obj", "y_scns"] if args.topk else []
+        self.computed = list(dict.fromkeys(self.names + self.heads))
+        self.longest_minimum = max(map(soundnet.get_layer, self.computed),
+                                   key=lambda layer: layer.min_samples)
+        self.min_samples = int(np.ceil(args.min_seconds * SAMPLE_RATE))
+        self.stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)  # longer: streamed
+        self.batch_size = args.batch_size or (1 if device == "cpu" else 16)
+        self.pending = {}   # decoded length -> [(key, info, n_samples, wave)] for a batch
+        self.manifest = CsvLog(self.out / "manifest.csv", MANIFEST_FIELDS, ["path"])
+        self.predictions = CsvLog(self.out / "predictions.csv", PREDICTION_FIELDS,
+                                  ["path", "head", "rank"])
+        self.previous = self.manifest.rows()
+        self.counts = {"ok": 0, "failed": 0, "skipped": 0}
+        self.audio_seconds, self.started = 0.0, time.perf_counter()
+        self.bar = tqdm(total=n_inputs, unit="file", disable=args.quiet or None,
+                        dynamic_ncols=True)
+
+    def done(self, key: str) -> bool:
+        return all((self.out / name / f"{key}.npy").exists() for name in self.names)
+
+    # -- one file ---------------------------------------------------------------------------------
+
+    def stream(self, key, info, blocks) -> int:
+        """A long file, through the model in chunks. Returns its length in samples."""
+        n_samples = 0
+
+        def counted():
+            nonlocal n_samples
+            for block in blocks:
+                n_samples += len(block)
+                yield block
+        feats = self.net.extract_stream(counted(), self.computed)
+        self.save(key, info, n_samples, feats)
+        return n_samples
+
+    def add(self, key, info, blocks: list):
+        """A short file, whole: tiled to --min-seconds, then batched with others of its
+        length (a GPU's speed; on the CPU the batch is one file by default)."""
+        wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+        n_samples = len(wave)
+        if n_samples == 0:
+            raise AudioError("no samples (decodes to 0 samples)")
+        if n_samples < self.min_samples:   # circular tiling, as the original did
+            wave = np.tile(wave, -(-self.min_samples // n_samples))
+        if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
+            raise ValueError(self.soundnet.too_short_message(self.longest_minimum, len(wave)))
+        group = self.pending.setdefault(len(wave), [])
+        group.append((key, info, n_samples, wave))
+        if len(group) >= self.batch_size:
+            self._run_batch(self.pending.pop(len(wave)))
+        elif sum(map(len, self.pending.values())) >= self.batch_size:
+            self.flush()   # lengths differ: run what waits rather than hold ever more files
+
+    def flush(self):
+        for length in list(self.pending):
+            self._run_batch(self.pending.pop(length))
+
+    def _run_batch(self, group):
+        feats = self.net.extract(np.stack([wave for *_, wave in group]), self.computed)
+        for i, (key, info, n_samples, _) in enumerate(group):
+            self.save(key, info, n_samples, {name: f[i] for name, f in feats.items()})
+
+    # -- rows ---------------------------------------------------------------------------------------
+
+    def save(self, key, info, n_samples, feats):
+        for name in self.names:
+            save_array(self.out / name / f"{key}.npy", feats[name])
+        self._finish({"path": key, "status": "ok", "seconds": f"{n_samples / SAMPLE_RATE:.3f}",
+                      "sample_rate": info.sample_rate, "channels": info.channels,
+                      "frames": " ".join(f"{n}:{len(feats[n])}" for n in self.names)}, feats)
+
+    def fail(self, key, path, error, info=None, n_samples=0):
+        message = str(error) if str(error).startswith(str(path)) else f"{path}: {error}"
+        row = {"path": key, "status": "failed", "error": message}
+        if info is not None:
+            row.update(seconds=f"{n_samples / SAMPLE_RATE:.3f}", sample_rate=info.sample_rate,
+                       channels=info.channels)
+        tqdm.write(f"failed: {message}", file=sys.stderr)
+        self._finish(row)
+
+    def skip(self, key):
+        """Outputs already there: the manifest keeps what the earlier run recorded."""
+        saved = {h: self.out / h / f"{key}.npy" for h in self.heads}
+        heads = ({h: np.load(p, allow_pickle=False) for h, p in saved.items()}
+                 if self.heads and all(p.exists() for p in saved.values()) else None)
+        self._finish({**self.previous.get((key,), {"path": key}), "status": "skipped",
+                      "error": ""}, heads)
+
+    def _finish(self, row: dict, heads=None):
+        self.counts[row["status"]] += 1
+        self.manifest.append([row])
+        if heads:
+            self.predictions.append(
+                {"path": row["path"], "head": h, "rank": rank, "label": label,
+                 "probability": f"{p:.6f}"}
+                for h in self.heads
+                for rank, (label, p) in enumerate(
+                    self.soundnet.top_labels(heads[h], h, self.args.topk), 1))
+        if row["status"] != "skipped":
+            self.audio_seconds += float(row.get("seconds") or 0)
+        self.bar.update()
+        self.bar.set_postfix_str(f"{self.audio_seconds / self.elapsed():.0f}x realtime",
+                                 refresh=False)
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.started, 1e-9)
+
+    def close(self):
+        self.bar.close()
+        self.manifest.compact()
+        if self.heads:
+            self.predictions.compact()
+
+    def summary(self) -> str:
+        c = self.counts
+        return (f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped; "
+                f"{self.audio_seconds / 3600:.2f} h of audio in {self.elapsed():.1f} s "
+                f"({self.audio_seconds / self.elapsed():.0f}x realtime)")
 
 
 def pick_device(name: str, torch) -> str:

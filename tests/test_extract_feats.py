@@ -221,6 +221,10 @@ def test_list_file_features_by_index_and_channel(corpus, tmp_path, net):
     assert set(manifest(out)) == {"a/x", "c/rain"}
     meta = json.loads((out / "soundnet.json").read_text())
     assert meta["channel"] == "first" and meta["features"]["conv7.conv"]["torch_index"] == 22
+    # resume finds features asked for by Torch index under their names
+    assert main("--list", listing, "-i", corpus, "-o", out, "--features", "22", "pool5",
+                "--channel", "first", "--workers", 0) == 0
+    assert {row["status"] for row in manifest(out).values()} == {"skipped"}
     # the same OUT with other settings would mix incompatible arrays: refused
     assert main("--list", listing, "-i", corpus, "-o", out, "--features", "pool5") == 2
 
