@@ -69,6 +69,11 @@ class ConvBlock:
     head: bool = False   # conv8 heads: convolution only
 
     @property
+    def n_modules(self) -> int:
+        """Torch modules of the block in the original model: conv[, bn, relu][, pool]."""
+        return 1 if self.head else 3 + (self.pool > 1)
+
+    @property
     def span(self) -> int:
         """Input frames one pooled output frame reads: pool convolutions `stride` apart."""
         return (self.pool - 1) * self.stride + self.kernel
@@ -128,9 +133,7 @@ class Layer:
         n = n_samples
         for kernel, stride, padding in self.ops:
             n = (n + 2 * padding - kernel) // stride + 1 if n > 0 else 0
-            if n <= 0:
-                return 0
-        return n
+        return max(n, 0)
 
     @property
     def min_samples(self) -> int:
@@ -150,7 +153,7 @@ def _build_layers() -> dict:
     layers, ops, index = {}, (), 0
     names = {i: n for n, i in FEATURES.items()}
 
-    def add(block, step, channels, op=None):
+    def add(block, step, op=None):
         nonlocal ops, index
         index += 1
         if op:
@@ -161,18 +164,18 @@ def _build_layers() -> dict:
             rf += (kernel - 1) * hop
             hop *= stride
         name = names.get(index, f"{block.name}.{step}")
-        layers[index] = Layer(index, name, block, channels, ops, hop, rf, offset)
+        layers[index] = Layer(index, name, block, block.out_channels, ops, hop, rf, offset)
 
     for b in BLOCKS:
-        add(b, "conv", b.out_channels, (b.kernel, b.stride, b.padding))
-        add(b, "bn", b.out_channels)
-        add(b, "relu", b.out_channels)
+        add(b, "conv", (b.kernel, b.stride, b.padding))
+        add(b, "bn")
+        add(b, "relu")
         if b.pool > 1:
-            add(b, "pool", b.out_channels, (b.pool, b.pool, 0))
+            add(b, "pool", (b.pool, b.pool, 0))
     trunk = ops
     for h in HEADS:
         ops = trunk
-        add(h, "conv", h.out_channels, (h.kernel, h.stride, h.padding))
+        add(h, "conv", (h.kernel, h.stride, h.padding))
     return layers
 
 
@@ -363,7 +366,7 @@ class SoundNet(nn.Module):
         x = F.pad(x, (BLOCKS[0].padding, BLOCKS[0].padding)).unsqueeze(-1)
         for i, (b, (weight, bias)) in enumerate(zip(BLOCKS, fused)):
             pad = BLOCKS[i + 1].padding if i + 1 < len(BLOCKS) else 0   # for the next block
-            n_modules = 4 if b.pool > 1 else 3
+            n_modules = b.n_modules
             if any(j in wanted for j in range(index + 1, index + n_modules)):
                 y = x[:, b.padding:x.shape[1] - b.padding].transpose(1, 2)
                 for j in range(index + 1, min(index + n_modules, max(wanted)) + 1):
@@ -541,7 +544,7 @@ def weights_to_state_dict(weights: dict) -> dict:
     prefixes, i = {}, 0
     for b in BLOCKS:
         prefixes[b.name] = (f"features.{i}", f"features.{i + 1}")
-        i += 4 if b.pool > 1 else 3
+        i += b.n_modules
     prefixes.update(conv8=("conv8", None), conv8_2=("conv8_2", None))
     for name, (conv, bn) in prefixes.items():
         w = weights[name]
