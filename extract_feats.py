@@ -353,7 +353,9 @@ def run(args, inputs: dict, decoders: Decoders) -> int:
             except (AudioError, ValueError) as e:
                 job.fail(key, inputs[key], e, info, n_samples)
             # Once the decoders run out of files, give the model their cores.
-            torch.set_num_threads(max(1, CPUS - decoders.busy(i)))
+            threads = max(1, CPUS - decoders.busy(i))
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
         job.flush()
     except KeyboardInterrupt:
         interrupted = True
