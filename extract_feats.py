@@ -257,8 +257,7 @@ class CsvLog:
         if not self.path.exists():
             return {}
         with open(self.path, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if r.get(self.fields[0]) != self.fields[0]]
-        return {tuple(r[k] for k in self.key_fields): r for r in rows}
+            return {tuple(r[k] for k in self.key_fields): r for r in csv.DictReader(f)}
 
     def compact(self):
         with locked(self.path.parent):
@@ -347,7 +346,7 @@ def run(args, inputs: dict, decoders: Decoders) -> int:
                     if n_samples > job.stream_above:
                         break
                 if n_samples > job.stream_above:
-                    n_samples = job.stream(key, info, chain(head, blocks))
+                    job.stream(key, info, chain(head, blocks))
                 else:
                     job.add(key, info, head)
             except (AudioError, ValueError) as e:
@@ -397,8 +396,8 @@ class Extraction:
 
     # -- one file ---------------------------------------------------------------------------------
 
-    def stream(self, key, info, blocks) -> int:
-        """A long file, through the model in chunks. Returns its length in samples."""
+    def stream(self, key, info, blocks):
+        """A long file, through the model in chunks."""
         n_samples = 0
 
         def counted():
@@ -408,7 +407,6 @@ class Extraction:
                 yield block
         feats = self.net.extract_stream(counted(), self.computed)
         self.save(key, info, n_samples, feats)
-        return n_samples
 
     def add(self, key, info, blocks: list):
         """A short file, whole: tiled to --min-seconds, then batched with others of its

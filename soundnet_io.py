@@ -140,8 +140,7 @@ def _describe_failure(path: Path, error: Exception) -> str:
         head = f.read(12)
     kind = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
     if head[4:8] == b"ftyp":
-        kind = "MP4/M4A"
-        return f"unsupported format ({kind}): libsndfile cannot read it; install ffmpeg to decode it"
+        return "unsupported format (MP4/M4A): libsndfile cannot read it; install ffmpeg to decode it"
     if kind:
         detail = str(error).strip()
         misleading = not detail or "does not exist" in detail
