@@ -151,20 +151,23 @@ def generated_videos(cache: Path):
         clips.mkdir(parents=True)
         audio_in = ["-f", "f32le", "-ar", str(CORPUS_RATE), "-ac", str(CORPUS_CHANNELS),
                     "-i", "pipe:"]
-        fps = int(VIDEO_PATTERN.rsplit("=", 1)[1])
+        fps, clips_s = int(VIDEO_PATTERN.rsplit("=", 1)[1]), VIDEO_CLIPS * VIDEO_CLIP_S
         for seconds, seed, args in [
                 (VIDEO_LONG_S, 2, [*audio_in, "-c:a", "aac", str(long_file)]),
-                (VIDEO_CLIPS * VIDEO_CLIP_S, 3,
-                 ["-f", "lavfi", "-i", VIDEO_PATTERN, *audio_in, "-shortest",
+                (clips_s, 3,
+                 ["-f", "lavfi", "-i", VIDEO_PATTERN, *audio_in, "-t", str(clips_s),
                   "-c:v", "mpeg4", "-g", str(fps), "-c:a", "aac", "-f", "segment",
                   "-segment_time", str(VIDEO_CLIP_S), "-reset_timestamps", "1",
                   str(clips / "clip_%03d.mp4")])]:
             print(f"  generating {seconds:.0f} s of video audio in {folder}", file=sys.stderr)
             ffmpeg = subprocess.Popen(["ffmpeg", "-v", "error", "-y", *args],
                                       stdin=subprocess.PIPE)
-            for block in synth_blocks(seconds, [SEED, seed, 0]):
-                ffmpeg.stdin.write(block.tobytes())
-            ffmpeg.stdin.close()
+            try:
+                for block in synth_blocks(seconds, [SEED, seed, 0]):
+                    ffmpeg.stdin.write(block.tobytes())
+                ffmpeg.stdin.close()
+            except BrokenPipeError:   # -t reached: ffmpeg took what it needs
+                pass
             if ffmpeg.wait() != 0:
                 sys.exit("ffmpeg failed to make the video corpus")
         spec_path.write_text(json.dumps(spec, indent=1))
