@@ -10,9 +10,15 @@ import takes seconds and about 400 MB per process). `soundnet` re-exports `load_
     wave = tile_clip(wave)                  # short clips repeated as extract_feats.py does
     save_array("out/clip.npy", features)    # a plain .npy, written atomically
 """
+import ctypes
 import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
 import uuid
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -39,6 +45,13 @@ TILING_RULE = ("a clip of n < L = round(min_seconds * 22050) samples is repeated
                "floor(L / n) + 1 times (the earlier port's rule)")
 _SIGNATURES = ((b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"), (b"\xff\xf2", "MP3"),
                (b"RIFF", "WAV"), (b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
+# Containers that only ffmpeg reads (MP4/MOV: "ftyp" at byte 4; AVI: RIFF with "AVI ").
+_CONTAINERS = ((b"\x1aE\xdf\xa3", "Matroska/WebM"), (b"0&\xb2u\x8ef\xcf\x11", "ASF/WMA"),
+               (b"FLV", "FLV"))
+FFMPEG = "ffmpeg"            # the ffmpeg program: a name looked up on PATH, or a full path
+FFMPEG_INSTALL = ("install it: apt-get install ffmpeg (Debian, Ubuntu), conda install -c "
+                  "conda-forge ffmpeg, or brew install ffmpeg (macOS); it must be on PATH")
+_PR_SET_PDEATHSIG = 1        # from linux/prctl.h
 
 
 class AudioError(Exception):
@@ -56,16 +69,18 @@ def open_audio(path, sr: int = SAMPLE_RATE, channel: str = "mean",
                block_seconds: float = AUDIO_BLOCK_SECONDS):
     """Open an audio file for streaming. Returns (AudioInfo, iterator of (n,) float32 mono
     blocks at `sr`); values are as decoded (MP3s may exceed [-1, 1] slightly).
-    libsndfile reads WAV, FLAC, Ogg, MP3 and more; other formats go through librosa's
-    audioread fallback (ffmpeg), whole. Raises AudioError naming the file and the cause."""
+    libsndfile reads WAV, FLAC, Ogg, MP3 and more; everything else (videos, AAC, Opus, ...)
+    is decoded by an ffmpeg subprocess, streamed the same way. Either way the audio equals
+    librosa.load(path, sr). Raises AudioError naming the file and the cause."""
     if channel not in CHANNEL_POLICIES:
         raise ValueError(f"channel must be one of {CHANNEL_POLICIES}, not {channel!r}")
     path = Path(path)
     _check_is_file(path)
     try:
         f = sf.SoundFile(path)
-    except Exception as e:   # libsndfile cannot open it: try audioread, else explain
-        return _open_with_librosa(path, sr, channel, e)
+    except Exception as e:   # libsndfile cannot open it: ffmpeg, as librosa.load would
+        info, blocks = _open_with_ffmpeg(path, block_seconds, sndfile_error=e)
+        return info, _mono_resampled(blocks, info.sample_rate, sr, channel)
     info = AudioInfo(f.samplerate, f.channels)
     return info, _guard(path, _stream_blocks(f, sr, channel, block_seconds))
 
@@ -168,20 +183,117 @@ def _guard(path: Path, blocks: Iterator) -> Iterator:
         raise AudioError(f"{path}: {_describe_failure(path, e)}") from e
 
 
-def _open_with_librosa(path: Path, sr: int, channel: str, sndfile_error: Exception):
-    import librosa   # imported here: slow to import, and only needed for unusual formats
+# -- ffmpeg: every other format -----------------------------------------------------------------
+
+def _open_with_ffmpeg(path: Path, block_seconds: float, sndfile_error: Exception):
+    """Decode with an ffmpeg subprocess as librosa.load does through audioread (`ffmpeg -i FILE
+    -f s16le -`): 16-bit samples at the file's own rate and channel count. Two differences that
+    keep the samples: the output is WAV, so rate and channels come in its header rather than
+    from parsing ffmpeg's log; and the first audio stream is taken explicitly (ffmpeg alone
+    picks the one with the most channels, while audioread reports the first one's rate and
+    channels). Returns (AudioInfo, iterator of (n, channels) float32 blocks at that rate)."""
+    log = tempfile.TemporaryFile()   # a file, not a pipe, so ffmpeg never waits on its log
     try:
-        with warnings.catch_warnings():   # "PySoundFile failed. Trying audioread instead."
-            warnings.simplefilter("ignore")
-            wave, native_sr = librosa.load(path, sr=None, mono=False)
-    except Exception as e:
-        raise AudioError(f"{path}: {_describe_failure(path, sndfile_error)}") from e
-    block = wave[:, None] if wave.ndim == 1 else wave.T
-    mono = _downmix(block, channel)
-    if native_sr != sr:
-        mono = _fix_length(soxr.resample(mono, native_sr, sr, quality="HQ"),
-                           resampled_length(len(mono), native_sr, sr))
-    return AudioInfo(int(native_sr), block.shape[1]), iter([mono])
+        process = subprocess.Popen(
+            [FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", f"file:{path}",
+             "-map", "0:a:0", "-c:a", "pcm_s16le", "-f", "wav", "-"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+            start_new_session=True,   # Ctrl-C in a terminal is for us to handle, not ffmpeg
+            preexec_fn=_die_with_parent())
+    except OSError as e:
+        log.close()
+        raise AudioError(f"{path}: {_describe_failure(path, sndfile_error, None)}") from e
+    try:
+        rate, channels = _read_wav_header(process.stdout)
+    except ValueError:   # ffmpeg stopped before any audio: it says why
+        said = _ffmpeg_said(process, log, path)
+        _stop(process, log)
+        raise AudioError(f"{path}: {_describe_failure(path, sndfile_error, said)}") from None
+    block_frames = max(1, int(block_seconds * rate))
+    return AudioInfo(rate, channels), _ffmpeg_blocks(process, log, path, channels, block_frames)
+
+
+def _read_wav_header(pipe) -> tuple:
+    """(sample rate, channels) from the header of ffmpeg's WAV stream, leaving the pipe at the
+    first sample. ValueError when the stream ends first."""
+    if pipe.read(12)[8:] != b"WAVE":
+        raise ValueError("no WAV header")
+    rate = channels = None
+    while True:
+        chunk = pipe.read(8)
+        if len(chunk) < 8:
+            raise ValueError("no data chunk")
+        name, size = struct.unpack("<4sI", chunk)
+        if name == b"data":   # of unknown size in a pipe: the samples run to the end
+            if rate is None:
+                raise ValueError("no fmt chunk")
+            return rate, channels
+        body = pipe.read(size + size % 2)
+        if name == b"fmt ":
+            channels, rate = struct.unpack("<HI", body[2:8])
+
+
+def _ffmpeg_blocks(process, log, path: Path, channels: int, block_frames: int):
+    """(n, channels) float32 blocks of ffmpeg's 16-bit samples divided by 32768, as librosa's
+    buf_to_float does. ffmpeg is stopped however the iteration ends (exhausted, an error,
+    or closed early by the consumer)."""
+    frame_bytes = 2 * channels
+    try:
+        while True:
+            data = process.stdout.read(block_frames * frame_bytes)
+            n = len(data) // frame_bytes
+            if n:
+                samples = np.frombuffer(data, "<i2", count=n * channels).astype(np.float32)
+                samples *= np.float32(1 / 32768)
+                yield samples.reshape(n, channels)
+            if len(data) < block_frames * frame_bytes:
+                break
+        if process.wait() != 0:   # an error after some audio: do not pass off a part as whole
+            said = _ffmpeg_said(process, log, path)
+            raise AudioError(f"{path}: ffmpeg failed while decoding (exit status "
+                             f"{process.returncode}{': ' + said if said else ''})")
+    finally:
+        _stop(process, log)
+
+
+def _stop(process, log):
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    process.stdout.close()
+    log.close()
+
+
+def _ffmpeg_said(process, log, path: Path) -> str:
+    """The last lines of ffmpeg's error log, without its "[demuxer @ 0x...]" and file name
+    prefixes: "moov atom not found; Invalid data found when processing input"."""
+    process.wait()
+    log.seek(0, os.SEEK_END)
+    log.seek(max(0, log.tell() - 2000))
+    lines = []
+    for line in log.read().decode("utf-8", "replace").splitlines():
+        line = re.sub(r"^\[[^]]* @ 0x[0-9a-f]+\] ", "", line.strip())
+        line = line.removeprefix(f"file:{path}: ")
+        if line and line not in lines:
+            lines.append(line)
+    return "; ".join(lines[-3:])
+
+
+def _die_with_parent():
+    """A preexec_fn by which Linux kills ffmpeg when the process reading it dies (a decode
+    worker or the main process, killed even with SIGKILL), so no ffmpeg outlives a run.
+    Elsewhere ffmpeg stops at its next write into the closed pipe. (Linux sends the signal
+    when the *thread* that started ffmpeg ends: read the blocks in the thread that opened
+    the file.)"""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def set_death_signal():
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:   # the parent died before prctl took effect
+            os._exit(1)
+    return set_death_signal
 
 
 def _check_is_file(path: Path):
@@ -194,19 +306,31 @@ def _check_is_file(path: Path):
         raise AudioError(f"{path}: empty file (0 bytes)")
 
 
-def _describe_failure(path: Path, error: Exception) -> str:
-    """Words for why a file did not decode. libsndfile says "File does not exist or is not a
-    regular file" for a broken MP3 and audioread's errors can be empty, so look at the bytes."""
+def _describe_failure(path: Path, error: Exception, ffmpeg_said="") -> str:
+    """Words for why a file did not decode. `error` is libsndfile's; `ffmpeg_said` ffmpeg's
+    error lines, or None when ffmpeg is not installed. libsndfile says "File does not exist or
+    is not a regular file" for a broken MP3 and ffmpeg "Invalid argument", so look at the
+    bytes too."""
     with open(path, "rb") as f:
         head = f.read(12)
+    if ffmpeg_said and "matches no streams" in ffmpeg_said:   # -map 0:a:0 found nothing
+        return "no audio stream (a video without sound?)"
     kind = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+    container = next((name for magic, name in _CONTAINERS if head.startswith(magic)), None)
     if head[4:8] == b"ftyp":
-        return "unsupported format (MP4/M4A): libsndfile cannot read it; install ffmpeg to decode it"
+        container = "MP4/MOV"
+    elif head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+        kind, container = None, "AVI"
     if kind:
         detail = str(error).strip()
         misleading = not detail or "does not exist" in detail
         return f"truncated or corrupt {kind} data" + ("" if misleading else f" ({detail})")
-    return "not an audio file (its contents are not a known audio format)"
+    if ffmpeg_said is None:
+        what = f"a {container} file" if container else "not a format libsndfile reads"
+        return f"{what}, and ffmpeg is not installed to decode it: {FFMPEG_INSTALL}"
+    if container:
+        return f"corrupt or truncated {container} container (ffmpeg: {ffmpeg_said})"
+    return f"not an audio file (neither libsndfile nor ffmpeg reads it; ffmpeg: {ffmpeg_said})"
 
 
 # ---------------------------------------------------------------------------------------------
