@@ -52,7 +52,8 @@ def parse_args(argv):
                         "output paths are relative to -i if given, else to their common folder)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("-f", "--ext", nargs="+", default=[".mp3"],
-                   help="file extensions to take, e.g. -f .mp3 .wav .flac")
+                   help="file extensions to take, e.g. -f .mp3 .wav .flac; videos and other "
+                        "formats libsndfile cannot read, e.g. -f .mp4 .mkv .webm, need ffmpeg")
     p.add_argument("--features", nargs="+", default=["conv7", "y_obj", "y_scns"],
                    help="feature names (conv1..conv7, pool1, pool2, pool5, y_obj, y_scns) "
                         "or Torch module indices 1-26")
