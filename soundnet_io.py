@@ -308,13 +308,13 @@ def _check_is_file(path: Path):
 
 def _describe_failure(path: Path, error: Exception, ffmpeg_said="") -> str:
     """Words for why a file did not decode. `error` is libsndfile's; `ffmpeg_said` ffmpeg's
-    error lines, or None when ffmpeg is not installed. libsndfile says "File does not exist or
+    error lines ("" when it was not run), or None when it is not installed. libsndfile says "File does not exist or
     is not a regular file" for a broken MP3 and ffmpeg "Invalid argument", so look at the
     bytes too."""
     with open(path, "rb") as f:
         head = f.read(12)
     if ffmpeg_said and "matches no streams" in ffmpeg_said:   # -map 0:a:0 found nothing
-        return "no audio stream (a video without sound?)"
+        return "no audio stream"
     kind = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
     container = next((name for magic, name in _CONTAINERS if head.startswith(magic)), None)
     if head[4:8] == b"ftyp":
@@ -328,9 +328,12 @@ def _describe_failure(path: Path, error: Exception, ffmpeg_said="") -> str:
     if ffmpeg_said is None:
         what = f"a {container} file" if container else "not a format libsndfile reads"
         return f"{what}, and ffmpeg is not installed to decode it: {FFMPEG_INSTALL}"
+    said = f" (ffmpeg: {ffmpeg_said})" if ffmpeg_said else ""
     if container:
-        return f"corrupt or truncated {container} container (ffmpeg: {ffmpeg_said})"
-    return f"not an audio file (neither libsndfile nor ffmpeg reads it; ffmpeg: {ffmpeg_said})"
+        return f"corrupt or truncated {container} container{said}"
+    if ffmpeg_said:
+        return f"not an audio file: neither libsndfile nor ffmpeg reads it{said}"
+    return "not an audio file (its contents are not a known audio format)"
 
 
 # ---------------------------------------------------------------------------------------------
