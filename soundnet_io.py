@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -209,8 +210,9 @@ def _open_with_ffmpeg(path: Path, block_seconds: float, sndfile_error: Exception
         said = _ffmpeg_said(process, log, path)
         _stop(process, log)
         raise AudioError(f"{path}: {_describe_failure(path, sndfile_error, said)}") from None
-    block_frames = max(1, int(block_seconds * rate))
-    return AudioInfo(rate, channels), _ffmpeg_blocks(process, log, path, channels, block_frames)
+    blocks = _ffmpeg_blocks(process, log, path, channels, max(1, int(block_seconds * rate)))
+    weakref.finalize(blocks, _stop, process, log)   # also when it is dropped before it starts
+    return AudioInfo(rate, channels), blocks
 
 
 def _read_wav_header(pipe) -> tuple:
@@ -257,6 +259,7 @@ def _ffmpeg_blocks(process, log, path: Path, channels: int, block_frames: int):
 
 
 def _stop(process, log):
+    """Kill ffmpeg unless it has exited, reap it, close its pipe and log (again is harmless)."""
     if process.poll() is None:
         process.kill()
     process.wait()
