@@ -34,6 +34,11 @@ from soundnet_io import (CHANNEL_POLICIES, MIN_SECONDS, SAMPLE_RATE, TILING_RULE
 MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "frames", "error"]
 PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
 QUEUE_BLOCKS = 24    # decoded ~10 s blocks a worker may run ahead of the model
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64   # files per network call (measured: README Performance)
+# Short files wait in a window of up to this many batches (and this much tiled audio) so they
+# can be sorted by length: batches then hold files of nearly equal length, little padding.
+WINDOW_BATCHES = 4
+WINDOW_SECONDS = 1200.0
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
@@ -66,8 +71,9 @@ def parse_args(argv):
                    help="decode processes (0: decode in the main process)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="files of equal decoded length run as one batch (default 1 on CPU, "
-                        "16 on a GPU); longer files than the model's chunk are streamed alone")
+                   help=f"files per network call, of any lengths, grouped by length (default "
+                        f"{CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on a GPU); files over 4 "
+                        "minutes stream alone")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="process only the K-th of N deterministic parts of the inputs (1 <= K "
                         "<= N), so N processes can share one output folder")
@@ -380,8 +386,10 @@ class Extraction:
         self.longest_minimum = max(map(soundnet.get_layer, self.computed),
                                    key=lambda layer: layer.min_samples)
         self.stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)  # longer: streamed
-        self.batch_size = args.batch_size or (1 if device == "cpu" else 16)
-        self.pending = {}   # decoded length -> [(key, info, n_samples, wave)] for a batch
+        self.batch_size = args.batch_size or (CPU_BATCH_SIZE if device == "cpu" else GPU_BATCH_SIZE)
+        # padded audio per network call, in proportion to the batch size (memory)
+        self.batch_seconds = soundnet.BATCH_SECONDS * self.batch_size / soundnet.BATCH_SIZE
+        self.window = []   # [(key, info, n_samples, tiled wave)] waiting for a batch
         self.manifest = CsvLog(self.out / "manifest.csv", MANIFEST_FIELDS, ["path"])
         self.predictions = CsvLog(self.out / "predictions.csv", PREDICTION_FIELDS,
                                   ["path", "head", "rank"])
@@ -409,8 +417,8 @@ class Extraction:
         self.save(key, info, n_samples, feats)
 
     def add(self, key, info, blocks: list):
-        """A short file, whole: tiled to --min-seconds, then batched with others of its
-        length (a GPU's speed; on the CPU the batch is one file by default)."""
+        """A short file, whole: tiled to --min-seconds, then run in a batch with files of
+        similar length (any lengths batch exactly: SoundNet.extract_many)."""
         wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
         n_samples = len(wave)
         if n_samples == 0:
@@ -418,21 +426,20 @@ class Extraction:
         wave = tile_clip(wave, self.args.min_seconds)
         if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
             raise ValueError(self.soundnet.too_short_message(self.longest_minimum, len(wave)))
-        group = self.pending.setdefault(len(wave), [])
-        group.append((key, info, n_samples, wave))
-        if len(group) >= self.batch_size:
-            self._run_batch(self.pending.pop(len(wave)))
-        elif sum(map(len, self.pending.values())) >= self.batch_size:
-            self.flush()   # lengths differ: run what waits rather than hold ever more files
+        self.window.append((key, info, n_samples, wave))
+        if (len(self.window) >= WINDOW_BATCHES * self.batch_size
+                or sum(len(w) for *_, w in self.window) >= WINDOW_SECONDS * SAMPLE_RATE):
+            self.flush()
 
     def flush(self):
-        for length in list(self.pending):
-            self._run_batch(self.pending.pop(length))
-
-    def _run_batch(self, group):
-        feats = self.net.extract(np.stack([wave for *_, wave in group]), self.computed)
-        for i, (key, info, n_samples, _) in enumerate(group):
-            self.save(key, info, n_samples, {name: f[i] for name, f in feats.items()})
+        """Run the files waiting in the window (extract_many sorts them by length)."""
+        window, self.window = self.window, []
+        if window:
+            feats = self.net.extract_many([wave for *_, wave in window], self.computed,
+                                          batch_size=self.batch_size,
+                                          batch_seconds=self.batch_seconds)
+            for (key, info, n_samples, _), f in zip(window, feats):
+                self.save(key, info, n_samples, f)
 
     # -- rows ---------------------------------------------------------------------------------------
 
