@@ -407,7 +407,13 @@ def write_metadata(out: Path, args, layers, sha256: str, feature_names) -> list:
                 "min_seconds": args.min_seconds, "channel": args.channel}
     path = out / METADATA
     with locked(out):
-        meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        except ValueError as e:
+            raise UsageError(f"{path}: unreadable ({e}); remove it, or use another -o") from None
+        if not isinstance(meta, dict):
+            raise UsageError(f"{path}: not what extract_feats.py writes; remove it, or use "
+                             "another -o")
         old = {k: meta.get(k) for k in settings}
         folders = [d.name for d in out.iterdir() if d.is_dir() and d.name in feature_names]
         if meta:
