@@ -90,7 +90,7 @@ def test_other_settings_refused_naming_what_differs_then_force_removes_stale(
     # what stays equals what the new settings give
     wave = soundnet_io.load_audio(corpus / "four.wav", channel="first")
     assert np.load(out / "conv7" / "four.npy").shape[0] == soundnet.get_layer("conv7").n_frames(
-        len(wave) * (-(-20 * 22050 // len(wave))))
+        len(soundnet_io.tile_clip(wave, 20)))
 
     # get_avg_pool: a feature folder soundnet.json does not describe is refused
     stale = out / "pool5"
