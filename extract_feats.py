@@ -108,8 +108,9 @@ def parse_args(argv):
             p.error(f"--shard takes K/N with 1 <= K <= N, not {args.shard!r}")
         args.shard = (int(k), int(n))
     batch_size = 1 if args.batch_size is None else args.batch_size
-    for flag, value, least in (("--workers", args.workers, 0), ("--min-seconds", args.min_seconds, 0),
-                               ("--topk", args.topk, 0), ("--batch-size", batch_size, 1)):
+    for flag, value, least in (("--workers", args.workers, 0), ("--topk", args.topk, 0),
+                               ("--min-seconds", args.min_seconds, 0),
+                               ("--batch-size", batch_size, 1)):
         if not value >= least:   # also refuses nan
             p.error(f"{flag} must be >= {least}, not {value:g}")
     args.ext = sorted({e.lower() if e.startswith(".") else "." + e.lower() for e in args.ext})

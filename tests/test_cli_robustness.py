@@ -64,7 +64,7 @@ def one_error_line(err):
     return lines[0]
 
 
-# -- 1. --force with new settings keeps no stale features ------------------------------------------
+# -- 1. --force with new settings keeps no stale features -----------------------------------------
 
 def test_other_settings_refused_naming_what_differs_then_force_removes_stale(
         corpus, tmp_path, capsys):
@@ -128,7 +128,7 @@ def test_pooled_vectors_redone_when_raw_is_extracted_again(corpus, tmp_path, cap
     assert not np.array_equal(np.load(avg / "four.npy"), first)
 
 
-# -- 2, 3. --topk: done only with predictions; exactly the last settings' rows -----------------------
+# -- 2, 3. --topk: done only with predictions; exactly the last settings' rows --------------------
 
 def test_topk_added_on_a_rerun_is_computed(corpus, tmp_path, capsys):
     out = tmp_path / "raw"
@@ -183,7 +183,7 @@ def test_failed_file_loses_its_old_predictions(corpus, tmp_path):
     assert {path for path, _ in ranks(out)} == {"ok"}
 
 
-# -- 4. no matching inputs is an error -------------------------------------------------------------
+# -- 4. no matching inputs is an error ------------------------------------------------------------
 
 def test_no_matching_inputs_exit_2_saying_what_was_found(corpus, tmp_path, capsys):
     assert extract("-i", corpus, "-o", tmp_path / "out", "-f", ".mp3") == 2
@@ -197,7 +197,7 @@ def test_no_matching_inputs_exit_2_saying_what_was_found(corpus, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-# -- 5. a full disk ----------------------------------------------------------------------------------
+# -- 5. a full disk -------------------------------------------------------------------------------
 
 def full_after(n_ok, monkeypatch):
     """Make np.save write half an array and raise ENOSPC after n_ok successful saves."""
@@ -266,7 +266,7 @@ def test_manifest_append_on_a_full_disk_leaves_whole_rows(corpus, tmp_path, monk
     assert len(manifest(out)) == 4
 
 
-# -- 6. temporaries of killed runs -------------------------------------------------------------------
+# -- 6. temporaries of killed runs ----------------------------------------------------------------
 
 def dead_pid():
     process = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -306,7 +306,7 @@ def test_temporaries_of_dead_processes_removed_live_ones_kept(corpus, tmp_path):
         sleeper.wait()
 
 
-# -- 7. get_avg_pool: output problems and float32 overflow --------------------------------------------
+# -- 7. get_avg_pool: output problems and float32 overflow ----------------------------------------
 
 @pytest.fixture
 def raw(corpus, tmp_path_factory):
@@ -357,7 +357,7 @@ def test_float64_beyond_float32_is_a_bad_file(raw, tmp_path, capsys):
     assert (tmp_path / "avg" / "four.npy").exists()
 
 
-# -- 8. the manifest names the input file ------------------------------------------------------------
+# -- 8. the manifest names the input file ---------------------------------------------------------
 
 def test_manifest_input_column(corpus, tmp_path):
     out = tmp_path / "raw"
@@ -385,7 +385,7 @@ def test_manifest_of_an_older_version_gets_the_column(corpus, tmp_path):
     assert {r["status"]: r["input"] for r in read_csv(out / "manifest.csv")}["skipped"]
 
 
-# -- 9, 10. clear messages -----------------------------------------------------------------------------
+# -- 9, 10. clear messages ------------------------------------------------------------------------
 
 def test_missing_model_path_is_an_error_not_a_download(corpus, tmp_path, monkeypatch, capsys):
     def download(*_):
@@ -421,7 +421,7 @@ def test_bad_number_names_its_flag(corpus, tmp_path, capsys, flag, value):
     assert "error: " + flag in line and not any(other in line for other in others)
 
 
-# -- 11. --help ---------------------------------------------------------------------------------------
+# -- 11. --help -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tool, n_defaults", [(extract_feats, 9), (get_avg_pool, 2)])
 def test_help_states_each_default_once(tool, n_defaults, capsys):
@@ -436,7 +436,7 @@ def test_help_states_each_default_once(tool, n_defaults, capsys):
         assert "(default: models/sound8.npy, fetched when missing" in text
 
 
-# -- 12. systems without fcntl and fork (Windows) -----------------------------------------------------
+# -- 12. systems without fcntl and fork (Windows) -------------------------------------------------
 
 WINDOWS_LIKE = """
 import multiprocessing, sys
