@@ -10,7 +10,10 @@ import takes seconds and about 400 MB per process). `soundnet` re-exports `load_
     wave = tile_clip(wave)                  # short clips repeated as extract_feats.py does
     save_array("out/clip.npy", features)    # a plain .npy, written atomically
 """
+import errno
 import os
+import re
+import time
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -212,6 +215,13 @@ def _describe_failure(path: Path, error: Exception) -> str:
 # ---------------------------------------------------------------------------------------------
 # Output files
 # ---------------------------------------------------------------------------------------------
+FULL_DEVICE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# An interrupted writer's temporary: .<name>.<pid>.<8 hex>.partial (see atomic_write).
+PARTIAL_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.partial$", re.DOTALL)
+# A temporary of a process not running on this machine is removed only when nothing has written
+# to it for this long: a --shard process on another machine sharing OUT has a pid this machine
+# cannot see, but its temporary keeps changing while it writes.
+STALE_PARTIAL_SECONDS = 60.0
 
 @contextmanager
 def atomic_write(path, mode: str = "wb", **open_kwargs):
@@ -239,3 +249,53 @@ def save_array(path, array: np.ndarray):
         raise ValueError(f"{path}: refusing to write an object array (it would need pickle)")
     with atomic_write(path) as f:
         np.save(f, array, allow_pickle=False)
+
+
+def write_failure(error: OSError, folder) -> str:
+    """One line for an output write that failed, naming the output folder: says when its
+    device is full (or over quota)."""
+    if error.errno in FULL_DEVICE_ERRNOS:
+        return f"{folder}: the output folder is full (no space left on its device)"
+    return f"{folder}: cannot write there ({error.strerror or error})"
+
+
+def remove_stale_partials(folder, min_age: float = STALE_PARTIAL_SECONDS) -> int:
+    """Delete the temporaries that killed writers left under `folder`: those whose process is
+    not running on this machine and that were last written over `min_age` seconds ago.
+    Returns how many were removed."""
+    removed = 0
+    now = time.time()
+    for path in Path(folder).rglob(".*.partial"):
+        match = PARTIAL_NAME.match(path.name)
+        if not match or process_alive(int(match.group(1))):
+            continue
+        try:
+            if now - path.stat().st_mtime > min_age:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:   # another process removed it first
+            pass
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (when unsure: True)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":   # os.kill(pid, 0) would terminate the process on Windows
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)   # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.GetLastError() == 5   # access denied: it exists
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return not ok or code.value == 259   # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # exists, owned by another user
+        return True
+    return True
