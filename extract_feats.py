@@ -33,6 +33,7 @@ from soundnet_io import (CHANNEL_POLICIES, SAMPLE_RATE, AudioError, atomic_write
 
 MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "frames", "error"]
 PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
+TABLE_FILES = 20     # --topk prints the top labels of at most this many files
 QUEUE_BLOCKS = 24    # decoded ~10 s blocks a worker may run ahead of the model
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -360,6 +361,8 @@ def run(args, inputs: dict, decoders: Decoders) -> int:
         interrupted = True
     finally:
         job.close()
+    if args.topk and not interrupted:
+        print(predictions_table(args.output / "predictions.csv", list(inputs)), flush=True)
     print(job.summary() + (" (interrupted)" if interrupted else ""), file=sys.stderr)
     if interrupted:
         return 130
@@ -491,6 +494,42 @@ class Extraction:
         return (f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped; "
                 f"{self.audio_seconds / 3600:.2f} h of audio in {self.elapsed():.1f} s "
                 f"({self.audio_seconds / self.elapsed():.0f}x realtime)")
+
+
+def predictions_table(path: Path, keys: list, max_files: int = TABLE_FILES) -> str:
+    """A readable summary of predictions.csv for the terminal: for each of the first max_files
+    of `keys` that has predictions, its top scenes and objects on two aligned lines; the rest
+    is counted, not printed, so a folder of thousands of files gives a short table."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f)]
+    top = {}   # (key, head) -> ["label 12.3%", ...] in rank order
+    for r in sorted(rows, key=lambda r: int(r["rank"])):
+        top.setdefault((r["path"], r["head"]), []).append(
+            f"{short_label(r['label'])} {float(r['probability']):.1%}")
+    shown = [k for k in keys if (k, "y_scns") in top]
+    if not shown:
+        return f"no predictions in {path}"
+    head = [k for k in shown[:max_files]]
+    file_width = max(len(k) for k in head)
+    cells = [c for k in head for h in ("y_scns", "y_obj") for c in top.get((k, h), [])]
+    cell_width = max(map(len, cells)) + 2
+    lines = ["top scenes (Places2) and objects (ImageNet), softmax probability averaged over "
+             "each clip's frames:"]
+    for k in head:
+        for head_name, title in (("y_scns", "scenes "), ("y_obj", "objects")):
+            name = k if head_name == "y_scns" else ""
+            labels = "".join(c.ljust(cell_width) for c in top.get((k, head_name), []))
+            lines.append(f"  {name:<{file_width}}  {title}  {labels}".rstrip())
+    if len(shown) > len(head):
+        lines.append(f"  ... and {len(shown) - len(head)} more in {path}")
+    return "\n".join(lines)
+
+
+def short_label(label: str) -> str:
+    """'/s/stadium/football' -> 'stadium/football'; 'seashore, coast, ...' -> 'seashore'."""
+    if label.startswith("/"):
+        label = label[3:]
+    return label.split(",")[0].replace("_", " ")
 
 
 def pick_device(name: str, torch) -> str:
