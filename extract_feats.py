@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from soundnet_io import (CHANNEL_POLICIES, SAMPLE_RATE, AudioError, atomic_write, open_audio,
-                          save_array)
+from soundnet_io import (CHANNEL_POLICIES, MIN_SECONDS, SAMPLE_RATE, TILING_RULE, AudioError,
+                         atomic_write, open_audio, save_array, tile_clip)
 
 MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "frames", "error"]
 PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
@@ -57,8 +57,9 @@ def parse_args(argv):
     p.add_argument("--features", nargs="+", default=["conv7", "y_obj", "y_scns"],
                    help="feature names (conv1..conv7, pool1, pool2, pool5, y_obj, y_scns) "
                         "or Torch module indices 1-26")
-    p.add_argument("--min-seconds", type=float, default=20.0,
-                   help="repeat shorter audio whole until at least this long; 0: no tiling")
+    p.add_argument("--min-seconds", type=float, default=MIN_SECONDS,
+                   help="repeat shorter audio whole, floor(L/n)+1 times for n < L samples, as "
+                        "the earlier port did; 0: no tiling")
     p.add_argument("--channel", choices=CHANNEL_POLICIES, default="mean",
                    help="downmix: mean of channels, or the first channel (original Torch code)")
     p.add_argument("--force", action="store_true", help="redo inputs whose outputs exist")
@@ -273,7 +274,7 @@ def write_metadata(out: Path, args, layers, sha256: str):
     """OUT/soundnet.json: what a reader needs to interpret the arrays. Refuses (UsageError) an
     OUT whose existing arrays were made with other settings, unless --force."""
     settings = {"sample_rate": SAMPLE_RATE, "weights_sha256": sha256,
-                "min_seconds": args.min_seconds, "channel": args.channel}
+                "min_seconds": args.min_seconds, "tiling": TILING_RULE, "channel": args.channel}
     path = out / "soundnet.json"
     with locked(out):
         meta = json.loads(path.read_text()) if path.exists() else {}
@@ -381,7 +382,6 @@ class Extraction:
         self.computed = list(dict.fromkeys(self.names + self.heads))
         self.longest_minimum = max(map(soundnet.get_layer, self.computed),
                                    key=lambda layer: layer.min_samples)
-        self.min_samples = int(np.ceil(args.min_seconds * SAMPLE_RATE))
         self.stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)  # longer: streamed
         self.batch_size = args.batch_size or (1 if device == "cpu" else 16)
         self.pending = {}   # decoded length -> [(key, info, n_samples, wave)] for a batch
@@ -418,8 +418,7 @@ class Extraction:
         n_samples = len(wave)
         if n_samples == 0:
             raise AudioError("no samples (decodes to 0 samples)")
-        if n_samples < self.min_samples:   # circular tiling, as the original did
-            wave = np.tile(wave, -(-self.min_samples // n_samples))
+        wave = tile_clip(wave, self.args.min_seconds)
         if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
             raise ValueError(self.soundnet.too_short_message(self.longest_minimum, len(wave)))
         group = self.pending.setdefault(len(wave), [])

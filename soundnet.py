@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soundnet_io import SAMPLE_RATE, AudioError, atomic_write, load_audio, open_audio  # noqa: F401
+from soundnet_io import (SAMPLE_RATE, AudioError, atomic_write, load_audio,  # noqa: F401
+                         open_audio, tile_clip)
 
 INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
 BN_EPS = 1e-5
