@@ -496,31 +496,30 @@ class Extraction:
 
 
 def predictions_table(path: Path, keys: list, max_files: int = TABLE_FILES) -> str:
-    """A readable summary of predictions.csv for the terminal: for each of the first max_files
-    of `keys` that has predictions, its top scenes and objects on two aligned lines; the rest
-    is counted, not printed, so a folder of thousands of files gives a short table."""
+    """predictions.csv made readable on a terminal: the top scenes and objects of the first
+    max_files of `keys` that have predictions, two aligned lines per file; further files are
+    counted, not printed, so a folder of thousands of files still gives a short table."""
     with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f)]
+        rows = sorted(csv.DictReader(f), key=lambda row: int(row["rank"]))
     top = {}   # (key, head) -> ["label 12.3%", ...] in rank order
-    for r in sorted(rows, key=lambda r: int(r["rank"])):
-        top.setdefault((r["path"], r["head"]), []).append(
-            f"{short_label(r['label'])} {float(r['probability']):.1%}")
-    shown = [k for k in keys if (k, "y_scns") in top]
-    if not shown:
+    for row in rows:
+        top.setdefault((row["path"], row["head"]), []).append(
+            f"{short_label(row['label'])} {float(row['probability']):.1%}")
+    keys = [key for key in keys if (key, "y_scns") in top]
+    if not keys:
         return f"no predictions in {path}"
-    head = [k for k in shown[:max_files]]
-    file_width = max(len(k) for k in head)
-    cells = [c for k in head for h in ("y_scns", "y_obj") for c in top.get((k, h), [])]
-    cell_width = max(map(len, cells)) + 2
+    shown = keys[:max_files]
+    key_width = max(map(len, shown))
+    cell_width = 2 + max(len(cell) for key in shown for head in ("y_scns", "y_obj")
+                         for cell in top.get((key, head), []))
     lines = ["top scenes (Places2) and objects (ImageNet), softmax probability averaged over "
              "each clip's frames:"]
-    for k in head:
-        for head_name, title in (("y_scns", "scenes "), ("y_obj", "objects")):
-            name = k if head_name == "y_scns" else ""
-            labels = "".join(c.ljust(cell_width) for c in top.get((k, head_name), []))
-            lines.append(f"  {name:<{file_width}}  {title}  {labels}".rstrip())
-    if len(shown) > len(head):
-        lines.append(f"  ... and {len(shown) - len(head)} more in {path}")
+    for key in shown:
+        for name, head, title in ((key, "y_scns", "scenes "), ("", "y_obj", "objects")):
+            cells = "".join(cell.ljust(cell_width) for cell in top.get((key, head), []))
+            lines.append(f"  {name:<{key_width}}  {title}  {cells}".rstrip())
+    if len(keys) > len(shown):
+        lines.append(f"  ... and {len(keys) - len(shown)} more in {path}")
     return "\n".join(lines)
 
 
