@@ -43,6 +43,7 @@ MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "fram
                    "input"]
 PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
 HEADS = ("y_obj", "y_scns")   # what --topk ranks
+TABLE_FILES = 20     # --topk prints the top labels of at most this many files
 QUEUE_BLOCKS = 24    # decoded ~10 s blocks a worker may run ahead of the model
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64   # files per network call (measured: README Performance)
 # Short files wait in a window of up to this many batches (and this much tiled audio) so they
@@ -556,6 +557,8 @@ def run(args, found: dict, decoders: Decoders) -> int:
               f"{c['skipped']} skipped (recorded in {args.output / MANIFEST}); make room and "
               "run again to do the rest", file=sys.stderr)
         return 1
+    if args.topk and not interrupted:
+        print(predictions_table(args.output / PREDICTIONS, list(inputs)), flush=True)
     print(job.summary() + (" (interrupted)" if interrupted else ""), file=sys.stderr)
     if interrupted:
         return 130
@@ -712,6 +715,43 @@ class Extraction:
         return (f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped; "
                 f"{self.audio_seconds / 3600:.2f} h of audio in {self.elapsed():.1f} s "
                 f"({self.audio_seconds / self.elapsed():.0f}x realtime)")
+
+
+def predictions_table(path: Path, keys: list, max_files: int = TABLE_FILES) -> str:
+    """predictions.csv made readable on a terminal: the top scenes and objects of the first
+    max_files of `keys` that have predictions, two aligned lines per file; further files are
+    counted, not printed, so a folder of thousands of files still gives a short table."""
+    if not path.exists():
+        return f"no predictions in {path}"
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = sorted(csv.DictReader(f), key=lambda row: int(row["rank"]))
+    top = {}   # (key, head) -> ["label 12.3%", ...] in rank order
+    for row in rows:
+        top.setdefault((row["path"], row["head"]), []).append(
+            f"{short_label(row['label'])} {float(row['probability']):.1%}")
+    keys = [key for key in keys if (key, "y_scns") in top]
+    if not keys:
+        return f"no predictions in {path}"
+    shown = keys[:max_files]
+    key_width = max(map(len, shown))
+    cell_width = 2 + max(len(cell) for key in shown for head in ("y_scns", "y_obj")
+                         for cell in top.get((key, head), []))
+    lines = ["top scenes (Places2) and objects (ImageNet), softmax probability averaged over "
+             "each clip's frames:"]
+    for key in shown:
+        for name, head, title in ((key, "y_scns", "scenes "), ("", "y_obj", "objects")):
+            cells = "".join(cell.ljust(cell_width) for cell in top.get((key, head), []))
+            lines.append(f"  {name:<{key_width}}  {title}  {cells}".rstrip())
+    if len(keys) > len(shown):
+        lines.append(f"  ... and {len(keys) - len(shown)} more in {path}")
+    return "\n".join(lines)
+
+
+def short_label(label: str) -> str:
+    """'/s/stadium/football' -> 'stadium/football'; 'seashore, coast, ...' -> 'seashore'."""
+    if label.startswith("/"):
+        label = label[3:]
+    return label.split(",")[0].replace("_", " ")
 
 
 def pick_device(name: str, torch) -> str:
