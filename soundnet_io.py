@@ -11,6 +11,7 @@ import takes seconds and about 400 MB per process). `soundnet` re-exports `load_
     save_array("out/clip.npy", features)    # a plain .npy, written atomically
 """
 import ctypes
+import errno
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 import weakref
 from contextlib import contextmanager
@@ -311,9 +313,9 @@ def _check_is_file(path: Path):
 
 def _describe_failure(path: Path, error: Exception, ffmpeg_said="") -> str:
     """Words for why a file did not decode. `error` is libsndfile's; `ffmpeg_said` ffmpeg's
-    error lines ("" when it was not run), or None when it is not installed. libsndfile says "File does not exist or
-    is not a regular file" for a broken MP3 and ffmpeg "Invalid argument", so look at the
-    bytes too."""
+    error lines ("" when it was not run), or None when it is not installed. libsndfile says
+    "File does not exist or is not a regular file" for a broken MP3 and ffmpeg "Invalid
+    argument", so look at the bytes too."""
     with open(path, "rb") as f:
         head = f.read(12)
     if ffmpeg_said and "matches no streams" in ffmpeg_said:   # -map 0:a:0 found nothing
@@ -342,6 +344,13 @@ def _describe_failure(path: Path, error: Exception, ffmpeg_said="") -> str:
 # ---------------------------------------------------------------------------------------------
 # Output files
 # ---------------------------------------------------------------------------------------------
+FULL_DEVICE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# An interrupted writer's temporary: .<name>.<pid>.<8 hex>.partial (see atomic_write).
+PARTIAL_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.partial$", re.DOTALL)
+# A temporary of a process not running on this machine is removed only when nothing has written
+# to it for this long: a --shard process on another machine sharing OUT has a pid this machine
+# cannot see, but its temporary keeps changing while it writes.
+STALE_PARTIAL_SECONDS = 60.0
 
 @contextmanager
 def atomic_write(path, mode: str = "wb", **open_kwargs):
@@ -369,3 +378,53 @@ def save_array(path, array: np.ndarray):
         raise ValueError(f"{path}: refusing to write an object array (it would need pickle)")
     with atomic_write(path) as f:
         np.save(f, array, allow_pickle=False)
+
+
+def write_failure(error: OSError, folder) -> str:
+    """One line for an output write that failed, naming the output folder: says when its
+    device is full (or over quota)."""
+    if error.errno in FULL_DEVICE_ERRNOS:
+        return f"{folder}: the output folder is full (no space left on its device)"
+    return f"{folder}: cannot write there ({error.strerror or error})"
+
+
+def remove_stale_partials(folder, min_age: float = STALE_PARTIAL_SECONDS) -> int:
+    """Delete the temporaries that killed writers left under `folder`: those whose process is
+    not running on this machine and that were last written over `min_age` seconds ago.
+    Returns how many were removed."""
+    removed = 0
+    now = time.time()
+    for path in Path(folder).rglob(".*.partial"):
+        match = PARTIAL_NAME.match(path.name)
+        if not match or process_alive(int(match.group(1))):
+            continue
+        try:
+            if now - path.stat().st_mtime > min_age:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:   # another process removed it first
+            pass
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (when unsure: True)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":   # os.kill(pid, 0) would terminate the process on Windows
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)   # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.GetLastError() == 5   # access denied: it exists
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return not ok or code.value == 259   # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # exists, owned by another user
+        return True
+    return True

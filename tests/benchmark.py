@@ -2,7 +2,7 @@
 
     python tests/benchmark.py [--corpus DIR] [--long FILE] [--cache DIR] [--hours H]
                               [--repeats N] [--device cpu|cuda] [--skip-long] [--json PATH]
-                              [--skip-video | --only-video]
+                              [--only clips|videos] [--skip-video]
 
 Without --corpus it generates once, deterministically, and reuses from --cache: about --hours of
 44.1 kHz stereo MP3s of 10 s to 5 min, and a 30-minute MP3 in a folder of its own. After one
@@ -19,10 +19,15 @@ run's value, so the noise shows.
   D  extract_feats.py on the 30-minute file, summing VmRSS (and PSS, which counts pages shared
      after fork once) over its process tree every 20 ms, decode workers included; the peak of
      the sum is reported, next to librosa.load of the same file in one process.
-  E  videos (needs ffmpeg; generated too): extract_feats.py on a 1-hour M4A (AAC) and on a
+  E  folders of short clips, as datasets hold them: 10 s clips a few ms apart in length (44.1 kHz
+     stereo MP3, as cut from videos) and 5.000 s clips (44.1 kHz mono WAV, as ESC-50): A at the
+     default batch size and with --batch-size 1, and B, on each.
+  F  videos (needs ffmpeg; generated too): extract_feats.py on a 1-hour M4A (AAC) and on a
      folder of 10 s MP4 clips (a 160x120 test pattern and AAC), peak RSS of the tree and wall;
      next to librosa.load of the same files (audioread: ffmpeg) and our decoding alone
      (soundnet_io.open_audio: ffmpeg), each in one process.
+With --only clips, just E and C run (C on the lengths of a --hours corpus); with --only videos,
+just F.
 """
 import argparse
 import json
@@ -54,6 +59,9 @@ MODEL_LENGTHS_S = (10, 60, 300, 1800)
 MIN_TIMING_S = 1.0               # short model calls are repeated until a timing lasts this long
 RSS_INTERVAL_S = 0.02
 GPU_BATCH = 16                   # 10 s clips per batch for the GPU's batched row
+CLIPS_BATCH = 16                 # 30 s waveforms of slightly different lengths in one list
+# E: (name, number of clips, seconds, spread of the length in seconds, channels, format)
+CLIP_SETS = (("clips_10s", 341, 10.0, 0.05, 2, "MP3"), ("clips_5s", 400, 5.0, 0.0, 1, "WAV"))
 VIDEO_LONG_S, VIDEO_CLIPS, VIDEO_CLIP_S = 3600.0, 120, 10.0
 VIDEO_PATTERN = "testsrc=size=160x120:rate=10"   # the picture of the MP4 clips
 DECODE_SCRIPT = """\
@@ -103,7 +111,8 @@ def synth_blocks(seconds, seed):
         yield block.astype(np.float32)
 
 
-def cached_set(folder: Path, spec: dict, names_lengths: list) -> list:
+def cached_set(folder: Path, spec: dict, names_lengths: list, channels=CORPUS_CHANNELS,
+               fmt="MP3") -> list:
     """The files, generated unless spec.json (written last) says the folder holds them."""
     spec_path = folder / "spec.json"
     if spec_path.exists() and json.loads(spec_path.read_text()) == spec and all(
@@ -114,9 +123,9 @@ def cached_set(folder: Path, spec: dict, names_lengths: list) -> list:
     for i, (name, seconds) in enumerate(names_lengths):
         print(f"  generating {folder / name} ({seconds:.0f} s)", file=sys.stderr)
         # Streamed, 4 s at a time: the 30-minute file needs no GBs.
-        with sf.SoundFile(folder / name, "w", CORPUS_RATE, CORPUS_CHANNELS, format="MP3") as f:
+        with sf.SoundFile(folder / name, "w", CORPUS_RATE, channels, format=fmt) as f:
             for block in synth_blocks(seconds, [SEED, spec["set"], i]):
-                f.write(block)
+                f.write(block[:, :channels])
     spec_path.write_text(json.dumps(spec, indent=1))
     return [folder / name for name, _ in names_lengths]
 
@@ -133,6 +142,22 @@ def generated_corpus(cache: Path, hours: float):
     long_spec = {**spec, "set": 1, "lengths": [LONG_S]}
     long_file = cached_set(cache / "long", long_spec, [("long_30min.mp3", LONG_S)])[0]
     return files, lengths, long_file
+
+
+def clip_sets(cache: Path) -> dict:
+    """E's folders: {name: (files, lengths in seconds)}. Lengths are whole samples at 44.1 kHz,
+    spread uniformly by up to the set's spread (MP3 clips cut from videos differ by ms)."""
+    sets = {}
+    for set_id, (name, count, seconds, spread, channels, fmt) in enumerate(CLIP_SETS, start=2):
+        rng = np.random.default_rng([SEED, set_id])
+        lengths = [round((seconds + rng.uniform(-spread, spread)) * CORPUS_RATE) / CORPUS_RATE
+                   for _ in range(count)]
+        spec = {"version": SPEC_VERSION, "seed": SEED, "set": set_id, "rate": CORPUS_RATE,
+                "channels": channels, "format": fmt, "lengths": lengths}
+        files = cached_set(cache / name, spec, [(f"clip_{i:03d}.{fmt.lower()}", s)
+                                               for i, s in enumerate(lengths)], channels, fmt)
+        sets[name] = (files, lengths)
+    return sets
 
 
 def generated_videos(cache: Path):
@@ -175,7 +200,7 @@ def generated_videos(cache: Path):
 
 
 def video_runs(videos, tmp: Path, r: int, add):
-    """Section E: the 1-hour M4A (memory sampled) and the folder of MP4 clips (timed)."""
+    """Section F: the 1-hour M4A (memory sampled) and the folder of MP4 clips (timed)."""
     long_file, clips = videos
     decoders = {"librosa": [sys.executable, "-c", DECODE_SCRIPT],
                 "ours": [sys.executable, "-c", OUR_DECODE_SCRIPT]}
@@ -204,9 +229,9 @@ def duration(path) -> float:
 
 # -- measurements -------------------------------------------------------------------------------
 
-def extractor_cmd(folder, out, exts, device):
+def extractor_cmd(folder, out, exts, device, *extra):
     return [sys.executable, str(EXTRACTOR), "-i", str(folder), "-o", str(out), "-f", *exts,
-            "--quiet", "--force", "--device", device]
+            "--quiet", "--force", "--device", device, *extra]
 
 
 def run_timed(cmd, stdin=None) -> dict:
@@ -298,6 +323,8 @@ def model_runs(net, device, lengths, add):
     for seconds in lengths:
         net.extract(noise[:int(seconds * MODEL_RATE)])
     add(f"model {device} pieces", time.perf_counter() - started)
+    clips = [noise[:30 * MODEL_RATE - 97 * i] for i in range(CLIPS_BATCH)]   # one list
+    add(f"model {device} clips", time_model(net, clips, device))
     if device == "cuda":
         batch = np.stack([noise[:10 * MODEL_RATE]] * GPU_BATCH)
         add(f"model {device} batch", time_model(net, batch, device))
@@ -317,7 +344,8 @@ def machine() -> str:
             f"({torch.backends.cpu.get_cpu_capability()}){gpu}")
 
 
-def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list) -> list:
+def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list,
+          clips: dict) -> list:
     med = {k: statistics.median(v) for k, v in res.items()}
     rows = [("measurement", "median", "x-realtime", "runs", "")]
 
@@ -330,6 +358,11 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list)
                          f"{seconds / med[key]:.0f}x" if seconds else "",
                          " ".join(fmt(v) for v in res[key]), note))
 
+    def ratio(name, key, base, note=""):
+        if key in med and base in med:
+            rows.append((name, f"{med[key] / med[base]:.2f}", "",
+                         " ".join(f"{a / b:.2f}" for a, b in zip(res[key], res[base])), note))
+
     corpus = f"{audio_s / 3600:.2f} h, {n_files} files"
     for dev in devices:
         row(f"end-to-end extract_feats.py --device {dev} ({corpus})", f"e2e {dev}", audio_s)
@@ -338,11 +371,22 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list)
     row("decode only, librosa.load sr=22050, 1 process", "decode", audio_s)
     row("  its CPU time, user + sys", "decode cputime")
     row("  the librosa.load loop alone", "decode loop", audio_s)
-    if "e2e cpu" in med and "decode" in med:
+    if "e2e cpu" in med:
         rows.append(("ratio end-to-end / decode-only (whole processes)",
                      f"{med['e2e cpu'] / med['decode']:.2f}", "",
                      f"vs the loop alone: {med['e2e cpu'] / med['decode loop']:.2f}",
                      "target <= 1.0, aim 0.8"))
+    for name, (files, lengths) in clips.items():
+        what = f"{name}: {len(files)} files, {sum(lengths) / 3600:.2f} h"
+        for dev in devices:
+            row(f"{what}, extract_feats.py --device {dev}", f"{name} e2e {dev}", sum(lengths))
+        row(f"{what}, extract_feats.py --batch-size 1 (cpu)", f"{name} e2e batch1",
+            sum(lengths))
+        row(f"{what}, decode only (librosa.load)", f"{name} decode", sum(lengths))
+        ratio(f"{name}: ratio end-to-end / decode-only", f"{name} e2e cpu", f"{name} decode",
+              "target <= 1.3, aim 1.2" if "10s" in name else "")
+        ratio(f"{name}: default / --batch-size 1", f"{name} e2e cpu", f"{name} e2e batch1",
+              "target <= 0.71 (1.4x faster)" if "5s" in name else "")
     for dev in devices:
         where = f"{dev}, {MODEL_THREADS} threads" if dev == "cpu" else dev
         for s in MODEL_LENGTHS_S:
@@ -351,6 +395,8 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list)
         row(f"model alone {corpus} in pieces ({where})", f"model {dev} pieces", audio_s)
         row(f"model alone {GPU_BATCH} x 10 s batch ({where})", f"model {dev} batch",
             GPU_BATCH * 10)
+        row(f"model alone {CLIPS_BATCH} x 30 s (10 s clips tiled) as one list ({where})",
+            f"model {dev} clips", CLIPS_BATCH * 30)
         speeds = [s / med[f"model {dev} {s}"] for s in MODEL_LENGTHS_S
                   if f"model {dev} {s}" in med]
         if speeds:
@@ -363,8 +409,8 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list)
     row("  same, PSS (pages shared after fork once)", "long pss", unit="MB")
     row("peak RSS librosa.load on 30-min file, 1 process", "decode long rss", unit="MB")
     row("  its wall", "decode long wall", long_s)
-    hour, clips = f"{VIDEO_LONG_S / 3600:g}-hour M4A", f"{VIDEO_CLIPS} MP4 clips of {VIDEO_CLIP_S:g} s"
-    clips_s = VIDEO_CLIPS * VIDEO_CLIP_S
+    hour = f"{VIDEO_LONG_S / 3600:g}-hour M4A"
+    mp4s, clips_s = f"{VIDEO_CLIPS} MP4 clips of {VIDEO_CLIP_S:g} s", VIDEO_CLIPS * VIDEO_CLIP_S
     row(f"peak RSS extract_feats on a {hour} (tree sum)", "video long rss", unit="MB",
         note="target < 1000, aim 600")
     row("  its wall", "video long wall", VIDEO_LONG_S)
@@ -372,7 +418,7 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list)
     row("  its wall", "video long librosa wall", VIDEO_LONG_S)
     row(f"peak RSS soundnet_io.open_audio on the {hour}", "video long ours rss", unit="MB")
     row("  its wall", "video long ours wall", VIDEO_LONG_S)
-    row(f"end-to-end extract_feats.py --device cpu ({clips})", "video clips e2e", clips_s)
+    row(f"end-to-end extract_feats.py --device cpu ({mp4s})", "video clips e2e", clips_s)
     row("decode only, librosa.load sr=22050, 1 process", "video clips librosa", clips_s)
     row("  the librosa.load loop alone", "video clips librosa loop", clips_s)
     row("decode only, soundnet_io.open_audio, 1 process", "video clips ours", clips_s)
@@ -399,15 +445,16 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--skip-long", action="store_true", help="no runs on the 30-minute file")
     p.add_argument("--json", type=Path, help="also save the raw numbers here")
-    p.add_argument("--skip-video", action="store_true", help="no video rows (section E)")
-    p.add_argument("--only-video", action="store_true", help="only the video rows")
+    p.add_argument("--only", choices=["clips", "videos"],
+                   help="run only the short-clip folders (E) or only the videos (F)")
+    p.add_argument("--skip-video", action="store_true", help="no video rows (F)")
     args = p.parse_args(argv)
 
-    videos = None if args.skip_video else generated_videos(args.cache)
-    if args.only_video:
+    videos = None if args.skip_video or args.only == "clips" else generated_videos(args.cache)
+    if args.only == "videos":
         if videos is None:
-            sys.exit("--only-video needs ffmpeg")
-        files, lengths, long_file, args.skip_long = [], [], videos[0], True
+            sys.exit("--only videos needs ffmpeg")
+        files, lengths, long_file = [], [], videos[0]
     elif args.corpus:
         files = sorted(f for f in args.corpus.rglob("*") if f.suffix.lower() in AUDIO_EXTS)
         lengths = [duration(f) for f in files]
@@ -418,6 +465,8 @@ def main(argv=None):
     corpus = args.corpus or (files[0].parent if files else None)
     exts = sorted({f.suffix.lower() for f in files})
     audio_s, long_s = sum(lengths), duration(long_file)
+    clips = clip_sets(args.cache) if not args.corpus and args.only != "videos" else {}
+    whole = args.only is None
 
     import torch
     sys.path.insert(0, str(ROOT))
@@ -443,13 +492,25 @@ def main(argv=None):
         long_dir.mkdir()
         (long_dir / long_file.name).symlink_to(long_file.absolute())
         print("warm-up (untimed)", file=sys.stderr)
-        if files:
-            run_timed(extractor_cmd(corpus, Path(tmp) / "warm", exts, "cpu"))
-        run_timed(decode_cmd, file_list)
+        if args.only != "videos":
+            warm = (corpus, exts) if whole else (clips["clips_5s"][0][0].parent, [".wav"])
+            run_timed(extractor_cmd(*warm[:1], Path(tmp) / "warm", warm[1], "cpu"))
+        run_timed(decode_cmd, file_list if whole else "")
         for r in range(args.repeats):
             print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr)
             busy, ours = cpu_seconds()
-            for dev in devices if files else []:                                         # A
+            for name, (clip_files, _) in clips.items():                                 # E
+                folder, clip_exts = clip_files[0].parent, [clip_files[0].suffix]
+                for dev, extra in [(dev, ()) for dev in devices] + [("batch1", ("--batch-size", "1"))]:
+                    out = Path(tmp) / f"{name}{r}{dev}"
+                    run = run_timed(extractor_cmd(folder, out, clip_exts,
+                                                  "cpu" if dev == "batch1" else dev, *extra))
+                    add(f"{name} e2e {dev}", run["wall"])
+                    shutil.rmtree(out)
+                add(f"{name} decode", run_timed(decode_cmd, "\n".join(map(str, clip_files)))["wall"])
+            for dev, net in nets.items() if args.only != "videos" else []:               # C
+                model_runs(net, dev, lengths, add)
+            for dev in devices if whole else []:                                         # A
                 out = Path(tmp) / f"out{r}{dev}"
                 run = run_timed(extractor_cmd(corpus, out, exts, dev))
                 add(f"e2e {dev}", run["wall"])
@@ -458,14 +519,12 @@ def main(argv=None):
                 if inner:
                     add(f"e2e {dev} inner", float(inner.group(1)))
                 shutil.rmtree(out)
-            if files:
+            if whole:
                 run = run_timed(decode_cmd, file_list)                                   # B
                 add("decode", run["wall"])
                 add("decode cputime", run["cpu"])
                 add("decode loop", json.loads(run["stdout"])["loop_s"])
-                for dev, net in nets.items():                                            # C
-                    model_runs(net, dev, lengths, add)
-            if not args.skip_long:                                                       # D
+            if whole and not args.skip_long:                                                       # D
                 run = run_sampled(extractor_cmd(long_dir, Path(tmp) / f"long{r}",
                                                 [long_file.suffix.lower()], "cpu"))
                 add("long wall", run["wall"])
@@ -474,7 +533,7 @@ def main(argv=None):
                 run = run_sampled(decode_cmd, str(long_file))
                 add("decode long wall", run["wall"])
                 add("decode long rss", run["rss"])
-            if videos:                                                                   # E
+            if videos:                                                                   # F
                 video_runs(videos, Path(tmp), r, add)
             busy_after, ours_after = cpu_seconds()
             add("other load", max(0.0, (busy_after - busy) - (ours_after - ours)))
@@ -484,7 +543,7 @@ def main(argv=None):
              (f"corpus {corpus} ({audio_s / 3600:.2f} h, {len(files)} files); long file "
               f"{long_file} ({long_s / 60:.1f} min); {args.repeats} repeats, interleaved"),
              f"videos {videos[0].parent}" if videos else "no videos", "",
-             *table(res, audio_s, len(files), long_s, devices)]
+             *table(res, audio_s, len(files), long_s, devices, clips)]
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "audio_s": audio_s,
