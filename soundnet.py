@@ -221,7 +221,7 @@ def _layer_list(layers) -> list:
 # Input checks
 # ---------------------------------------------------------------------------------------------
 
-def check_wave(wave) -> tuple:
+def _check_wave(wave) -> tuple:
     """A waveform (T,) or batch (B, T) of float samples in [-1, 1], as given (numpy array or
     tensor; other sequences become numpy), after refusing with a ValueError what would
     silently give wrong features: scalars, other ranks, an empty batch (0, T), a likely
@@ -257,7 +257,7 @@ def check_wave(wave) -> tuple:
     return wave, peak
 
 
-def warn_if_loud(peak: float) -> bool:
+def _warn_if_loud(peak: float) -> bool:
     """Warn if a waveform's peak is far outside [-1, 1]; True if it did."""
     if peak > LOUD_PEAK:
         warnings.warn(f"waveform peak above {LOUD_PEAK}: SoundNet expects samples in [-1, 1] "
@@ -313,11 +313,11 @@ class SoundNet(nn.Module):
     # -- the trainable network --------------------------------------------------------------
 
     def forward(self, wave, layers=("y_obj", "y_scns")) -> dict:
-        """wave: (T,) or (B, T) waveform in [-1, 1] (see check_wave); layers: names or indices,
+        """wave: (T,) or (B, T) waveform in [-1, 1] (see _check_wave); layers: names or indices,
         or one. Returns {name: (B, C, frames)} tensors of the requested layers, through the plain
         modules (train mode and autograd work)."""
-        wave, peak = check_wave(wave)
-        warn_if_loud(peak)
+        wave, peak = _check_wave(wave)
+        _warn_if_loud(peak)
         x = self._input(wave).unsqueeze(1)
         wanted = _check_lengths(_layer_list(layers), x.shape[-1])
         out = {}
@@ -336,7 +336,7 @@ class SoundNet(nn.Module):
 
     def extract(self, wave, layers=DEFAULT_FEATURES, chunk_seconds=CHUNK_SECONDS) -> dict:
         """wave: (T,) or (B, T) float waveform at 22050 Hz in [-1, 1], numpy or torch (mono:
-        stereo must be downmixed; see check_wave). layers: feature names or Torch indices, or
+        stereo must be downmixed; see _check_wave). layers: feature names or Torch indices, or
         one. Returns {name: (frames, C)} (or (B, frames, C)) float32, numpy for numpy input.
         Always inference semantics (batch-norm running statistics), whatever the module mode.
         Long inputs run in chunks of about chunk_seconds (see extract_stream): same result,
@@ -420,8 +420,8 @@ class SoundNet(nn.Module):
         `size` samples along time, so a long input is converted and scaled a piece at a time."""
         warned = False
         for block in blocks:
-            block, peak = check_wave(block)
-            warned = warned or warn_if_loud(peak)
+            block, peak = _check_wave(block)
+            warned = warned or _warn_if_loud(peak)
             for start in range(0, max(block.shape[-1], 1), size):
                 yield block[..., start:start + size]
 
@@ -460,37 +460,34 @@ class SoundNet(nn.Module):
                 out[wanted[index]] = x[:, pad:x.shape[1] - pad]
             if index >= max(wanted):
                 return out
-        for j, h, (weight, bias) in zip((25, 26), HEADS, fused[len(BLOCKS):]):
-            if j in wanted:
-                out[wanted[j]] = _conv_block(x, weight, bias, h)
+        for j, head in ((25, self.conv8), (26, self.conv8_2)):
+            if j in wanted:   # a few frames, large weights: faster unfolded, and never stale
+                out[wanted[j]] = F.conv1d(x.transpose(1, 2), head.weight, head.bias,
+                                          head.stride).transpose(1, 2)
         return out
 
     def _fused_weights(self, wanted: dict) -> list:
-        """Per block of BLOCKS + HEADS that `wanted` ({Torch index: name}) needs, (GEMM weight,
-        bias) with eval-mode batch norm folded in; (None, None) for the others. Cached, and rebuilt
-        whenever a value it was built from (parameters, running statistics, eps) changed. The
-        check compares values: edits through `.data` or `load_state_dict` bypass every version
-        counter, and comparing costs a few percent of a 10 s call (README, Performance)."""
+        """Per block of BLOCKS, (GEMM weight, bias) with eval-mode batch norm folded in, or
+        (None, None) for a block past the deepest of `wanted` ({Torch index: name}). Cached,
+        and rebuilt whenever a value it was built from (parameters, running statistics, eps)
+        changed. The check compares values, as edits through `.data` bypass every version
+        counter; it reads 2.8M numbers, about 1.5 ms (README, Python API)."""
         modules = [m for m in self.features if isinstance(m, (nn.Conv1d, nn.BatchNorm1d))]
-        convs = list(zip(modules[0::2], modules[1::2])) + [(self.conv8, None),
-                                                           (self.conv8_2, None)]
         if self._fused is None:
-            self._fused = [None] * len(convs)
-        first, result = 0, []   # first: Torch index of the block's first module
-        for i, (block, (conv, bn)) in enumerate(zip(BLOCKS + HEADS, convs)):
-            needed = first < max(wanted) if not block.head else first + 1 in wanted
-            first = first + block.n_modules if not block.head else first + 1
-            if not needed:
+            self._fused = [None] * len(BLOCKS)
+        first, result = 0, []   # first: Torch index of the block's first module, minus 1
+        for i, (block, conv, bn) in enumerate(zip(BLOCKS, modules[0::2], modules[1::2])):
+            if first >= max(wanted):
                 result.append((None, None))
                 continue
-            sources = [conv.weight, conv.bias] + ([] if bn is None else [
-                bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps])
-            cached = self._fused[i]
-            if cached is None or not _same_values(cached[0], sources):
+            first += block.n_modules
+            sources = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                       bn.running_var, bn.eps]
+            if self._fused[i] is None or not _same_values(self._fused[i][0], sources):
                 snapshot = [t.detach().clone() if isinstance(t, torch.Tensor) else t
                             for t in sources]
-                self._fused[i] = cached = (snapshot, _gemm_weights(block, conv, bn))
-            result.append(cached[1])
+                self._fused[i] = (snapshot, _gemm_weights(block, conv, bn))
+            result.append(self._fused[i][1])
         return result
 
 
@@ -516,7 +513,7 @@ def _check_lengths(layers, n_samples: int) -> dict:
     return {layer.index: layer.name for layer in layers}
 
 
-def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn) -> tuple:
+def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d) -> tuple:
     """The block's convolution, batch norm and max-pool window as one matrix.
 
     Row r of the GEMM input holds the block.span input frames (time-major, all channels) that
@@ -526,11 +523,9 @@ def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn) -> tuple:
     with the max, so they are applied after it.
     Returns weight (span * C_in, pool * C_out) and bias (C_out,).
     """
-    weight, bias = conv.weight.detach(), conv.bias.detach()        # (C_out, C_in, k)
-    if bn is not None:
-        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-        weight = weight * scale[:, None, None]
-        bias = (bias - bn.running_mean) * scale + bn.bias.detach()
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight.detach() * scale[:, None, None]            # (C_out, C_in, k)
+    bias = (conv.bias.detach() - bn.running_mean) * scale + bn.bias.detach()
     c_out, c_in, k = weight.shape
     taps = weight.permute(2, 1, 0)                                  # (k, C_in, C_out)
     matrix = weight.new_zeros(block.span, c_in, block.pool, c_out)
@@ -547,16 +542,16 @@ def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block
     (padding in place saves a copy of every layer)."""
     batch, length, c_in = x.shape
     n_out = ((length - block.kernel) // block.stride + 1) // block.pool
-    bias = bias.expand(batch, 1, block.out_channels)
+    bias, offset = bias.expand(batch, 1, block.out_channels), None
     if block.centre:
         # On silence or DC, conv2's input is a large constant per channel, and float32 sums
         # make the same rounding error in every frame, which conv6's batch norm magnifies
-        # (1e-5 of peak). So subtract each channel's mean and add its product back through
-        # the bias, in float64. (Measured: no gain on the other blocks, a loss on the heads.)
-        mean = x.mean(dim=1, keepdim=True, dtype=torch.float64).to(x.dtype)   # (B, 1, C_in)
-        x = x - mean
+        # (1e-5 of peak). So subtract each channel's mean from the rows and add its product
+        # back through the bias, in float64. (Measured: no gain on the other blocks, a loss
+        # on conv7.)
+        offset = x.mean(dim=1, keepdim=True).repeat(1, 1, block.span)   # (B, 1, span * C_in)
         taps = weight[:, :block.out_channels].double()      # pool position 0: every tap once
-        bias = (bias + mean.double().repeat(1, 1, block.span) @ taps).to(x.dtype)
+        bias = (bias + offset.double() @ taps).to(x.dtype)
     # rows[b, r] = the span input frames of output frame r: a strided view, no copy yet.
     rows = x.contiguous().as_strided((batch, n_out, block.span * c_in),
                                      (length * c_in, block.pool * block.stride * c_in, 1))
@@ -566,7 +561,10 @@ def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block
     frames = out[:, pad_after:pad_after + n_out]
     tile = max(MIN_TILE_ROWS // batch, TILE_BYTES // (block.span * c_in * 4 * batch), 1)
     for start in range(0, n_out, tile):
-        y = rows[:, start:start + tile].reshape(-1, rows.shape[-1]) @ weight
+        tile_rows = rows[:, start:start + tile]
+        if offset is not None:   # the copy that reshape would make anyway
+            tile_rows = tile_rows - offset
+        y = tile_rows.reshape(-1, rows.shape[-1]) @ weight
         # Max over the pool window by halving the columns (pools are powers of two):
         # contiguous, and here several times faster than amax over a middle dimension.
         while y.shape[1] > block.out_channels:
@@ -574,8 +572,7 @@ def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block
             y = torch.maximum(y[:, :half], y[:, half:])
         y = y.view(batch, -1, block.out_channels)
         y += bias
-        if not block.head:
-            y.clamp_(min=0)
+        y.clamp_(min=0)
         frames[:, start:start + tile] = y
     return out
 
