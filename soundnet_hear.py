@@ -15,11 +15,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from soundnet import SAMPLE_RATE, WEIGHTS_PATH, SoundNet, get_layer
+from soundnet import SAMPLE_RATE, WEIGHTS_PATH, SoundNet, get_layer, tile_clip
+from soundnet_io import MIN_SECONDS
 
 TIMESTAMP_LAYERS = ("conv4", "pool5")
 SCENE_LAYER = "pool5"
-SCENE_MIN_SECONDS = 20.0     # shorter clips are tiled to this (the CLI's --min-seconds default)
+SCENE_MIN_SECONDS = MIN_SECONDS   # shorter clips are tiled to this, as extract_feats.py does
 
 
 class SoundNetHEAR(nn.Module):
@@ -30,7 +31,8 @@ class SoundNetHEAR(nn.Module):
 
     def __init__(self, net: SoundNet):
         super().__init__()
-        self.net = net.eval()
+        self.net = net
+        self.eval()
 
 
 def load_model(model_file_path: str = "") -> SoundNetHEAR:
@@ -72,8 +74,9 @@ def get_scene_embeddings(audio: torch.Tensor, model: SoundNetHEAR) -> torch.Tens
     Returns (n_sounds, model.scene_embedding_size) float32 on audio's device: SCENE_LAYER
     averaged over time, a clip shorter than SCENE_MIN_SECONDS tiled to that length first."""
     audio = _check_audio(audio)
-    frames = model.net.extract(_tile_to(audio, round(SCENE_MIN_SECONDS * SAMPLE_RATE)),
-                               [SCENE_LAYER])[SCENE_LAYER]
+    # tile_clip's rule applied to sample indices: one rule, and the audio stays on its device.
+    index = torch.from_numpy(tile_clip(np.arange(audio.shape[1]), SCENE_MIN_SECONDS))
+    frames = model.net.extract(audio[:, index.to(audio.device)], [SCENE_LAYER])[SCENE_LAYER]
     return frames.mean(dim=1).to(audio.device)
 
 
@@ -88,10 +91,3 @@ def _pad_to(audio: torch.Tensor, n_samples: int) -> torch.Tensor:
     """Zero-pad at the end to at least n_samples, so that every layer gives a frame."""
     short = n_samples - audio.shape[1]
     return torch.nn.functional.pad(audio, (0, short)) if short > 0 else audio
-
-
-def _tile_to(audio: torch.Tensor, n_samples: int) -> torch.Tensor:
-    """Clips shorter than n_samples repeated whole floor(n_samples / n) + 1 times, the rule of
-    extract_feats.py --min-seconds and of the earlier PyTorch port."""
-    n = audio.shape[1]
-    return audio.repeat(1, n_samples // n + 1) if n < n_samples else audio
