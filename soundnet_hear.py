@@ -11,6 +11,8 @@ centred nearest that time. Scene embeddings: SCENE_LAYER averaged over its frame
 than SCENE_MIN_SECONDS first tiled to that length. README ("HEAR 2021 API") gives the probe
 results these choices rest on (tests/probe_hear.py).
 """
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -37,7 +39,10 @@ class SoundNetHEAR(nn.Module):
 
 def load_model(model_file_path: str = "") -> SoundNetHEAR:
     """"": the published sound8.npy (fetched and verified on first use); otherwise a weights
-    file of the same format (e.g. fine-tuned)."""
+    file of the same format (e.g. fine-tuned), which must exist: from_pretrained would fetch
+    the published weights into a mistyped path."""
+    if model_file_path and not Path(model_file_path).is_file():
+        raise FileNotFoundError(f"{model_file_path}: no such weights file")
     return SoundNetHEAR(SoundNet.from_pretrained(model_file_path or WEIGHTS_PATH))
 
 

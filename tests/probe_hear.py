@@ -28,7 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from soundnet import SAMPLE_RATE, SoundNet, get_layer  # noqa: E402
+from soundnet import SAMPLE_RATE, SoundNet, get_layer, tile_clip  # noqa: E402
 
 SR = SAMPLE_RATE
 TYPES = ("tone", "chirp_up", "chirp_down", "noise_band", "clicks", "am_tone", "harmonic",
@@ -115,7 +115,7 @@ def extend(waves: np.ndarray, how: str) -> np.ndarray:
         return waves
     if how == "zero-pad":
         return np.pad(waves, ((0, 0), (0, total - n)))
-    return np.tile(waves, (1, total // n + 1))           # "tile", the CLI's rule
+    return tile_clip(waves, TILE_SECONDS)                 # "tile", the CLI's rule
 
 
 def features(net, waves: np.ndarray, layers, batch: int = 32) -> dict:

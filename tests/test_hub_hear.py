@@ -73,6 +73,9 @@ def test_model_attributes(model):
 def test_load_model_default_and_from_file(net):
     for loaded in (hear.load_model(), hear.load_model(str(ROOT / "models" / "sound8.npy"))):
         assert loaded.net.weights_sha256 == net.weights_sha256
+    with pytest.raises(FileNotFoundError, match="no-such.npy"):
+        hear.load_model(str(ROOT / "models" / "no-such.npy"))
+    assert not (ROOT / "models" / "no-such.npy").exists()
 
 
 def check_timestamp_output(model, audio):
