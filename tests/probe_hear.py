@@ -1,11 +1,11 @@
 """Which SoundNet layers make good HEAR embeddings (a script that prints figures, not a test).
 
-    python tests/probe_hear.py [--per-class N] [--seed S]
+    python tests/probe_hear.py [--per-class N] [--event-clips N] [--seed S] [--skip WHICH]
 
 Generates labelled synthetic clips (8 sound types with random parameters, in background noise
 at a random SNR and gain) and scores linear probes on SoundNet features, as in the paper's
-linear-SVM protocol: standardised features, a linear classifier, stratified 5-fold
-cross-validated accuracy (ridge classifier). Needs scikit-learn (measurement only, not a dependency).
+linear-SVM protocol: standardised features, a linear classifier (ridge), 5-fold cross-validated
+accuracy. Needs scikit-learn (for this measurement only; not a dependency).
 
   scene:     one clip -> one mean-pooled vector. Layers conv4 .. conv7, for clips of 0.5, 1 and
              4 s, each as is, zero-padded to TILE_SECONDS, or tiled to TILE_SECONDS (the CLI's
@@ -47,7 +47,8 @@ def sound(kind: str, n: int, rng) -> np.ndarray:
     if kind == "tone":
         x = np.sin(2 * np.pi * f * t)
     elif kind in ("chirp_up", "chirp_down"):
-        lo, hi = np.exp(rng.uniform(np.log(200), np.log(800))), np.exp(rng.uniform(np.log(2000), np.log(6000)))
+        lo = np.exp(rng.uniform(np.log(200), np.log(800)))
+        hi = np.exp(rng.uniform(np.log(2000), np.log(6000)))
         f0, f1 = (lo, hi) if kind == "chirp_up" else (hi, lo)
         x = np.sin(2 * np.pi * np.cumsum(f0 * (f1 / f0) ** (t / t[-1])) / SR)
     elif kind == "noise_band":
