@@ -12,15 +12,19 @@ Decoding runs in worker processes, started before torch is imported, while the m
 """
 import argparse
 import csv
-import fcntl
+import io
 import json
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
+import socket
 import sys
 import time
+import uuid
 import zlib
+from collections import Counter
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
@@ -28,50 +32,79 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from soundnet_io import (CHANNEL_POLICIES, SAMPLE_RATE, AudioError, atomic_write, open_audio,
-                          save_array)
+from soundnet_io import (CHANNEL_POLICIES, MIN_SECONDS, SAMPLE_RATE, TILING_RULE, AudioError,
+                         atomic_write, open_audio, process_alive, remove_stale_partials,
+                         save_array, tile_clip, write_failure)
 
-MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "frames", "error"]
+METADATA = "soundnet.json"
+MANIFEST = "manifest.csv"
+PREDICTIONS = "predictions.csv"
+MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "frames", "error",
+                   "input"]
 PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
+HEADS = ("y_obj", "y_scns")   # what --topk ranks
+TABLE_FILES = 20     # --topk prints the top labels of at most this many files
 QUEUE_BLOCKS = 24    # decoded ~10 s blocks a worker may run ahead of the model
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64   # files per network call (measured: README Performance)
+# Short files wait in a window of up to this many batches (and this much tiled audio) so they
+# can be sorted by length: batches then hold files of nearly equal length, little padding.
+WINDOW_BATCHES = 4
+WINDOW_SECONDS = 1200.0
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+LOCK_FILE = ".soundnet.lock"
+# Without fcntl (Windows) the lock is a file created exclusively. Holders keep it for
+# milliseconds, so one this old was left by a process that died (on any machine).
+STALE_LOCK_SECONDS = 600.0
 
 
 class UsageError(Exception):
     """A configuration problem found before any work: exit 2."""
 
 
+class OutputFailed(Exception):
+    """Writing into OUT failed (full, read-only, ...): the run stops; the message is one line."""
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-m", "--model", default=None,
-                   help="sound8.npy weights (default models/sound8.npy, fetched if missing)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", type=Path, default=None,
+                   help="sound8.npy weights (default: models/sound8.npy, fetched when missing; "
+                        "a path given here must exist)")
     p.add_argument("-i", "--input", type=Path, help="folder of audio files, walked recursively")
     p.add_argument("--list", type=Path,
                    help="text file of audio paths, one per line (instead of walking -i; "
                         "output paths are relative to -i if given, else to their common folder)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("-f", "--ext", nargs="+", default=[".mp3"],
-                   help="file extensions to take, e.g. -f .mp3 .wav .flac")
+                   help="file extensions to take, any case, e.g. -f .mp3 .wav .flac "
+                        "(default: .mp3)")
     p.add_argument("--features", nargs="+", default=["conv7", "y_obj", "y_scns"],
                    help="feature names (conv1..conv7, pool1, pool2, pool5, y_obj, y_scns) "
-                        "or Torch module indices 1-26")
-    p.add_argument("--min-seconds", type=float, default=20.0,
-                   help="repeat shorter audio whole until at least this long; 0: no tiling")
+                        "or Torch module indices 1-26 (default: conv7 y_obj y_scns)")
+    p.add_argument("--min-seconds", type=float, default=MIN_SECONDS,
+                   help="repeat shorter audio whole, floor(L/n)+1 times for n < L samples, as "
+                        f"the earlier port did; 0: no tiling (default: {MIN_SECONDS:g})")
     p.add_argument("--channel", choices=CHANNEL_POLICIES, default="mean",
-                   help="downmix: mean of channels, or the first channel (original Torch code)")
-    p.add_argument("--force", action="store_true", help="redo inputs whose outputs exist")
+                   help="downmix: mean of channels, or the first channel as the original Torch "
+                        "code (default: mean)")
+    p.add_argument("--force", action="store_true",
+                   help="redo inputs whose outputs exist; with other settings than OUT was made "
+                        "with, first remove its features made with those")
     p.add_argument("--workers", type=int, default=CPUS,
-                   help="decode processes (0: decode in the main process)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+                   help=f"decode processes; 0: decode in the main process (default: {CPUS}, "
+                        "the number of cores)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="where the model runs; auto: a GPU if torch sees one (default: auto)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="files of equal decoded length run as one batch (default 1 on CPU, "
-                        "16 on a GPU); longer files than the model's chunk are streamed alone")
+                   help="files per network call, of any lengths, grouped by length; files "
+                        "over 4 minutes stream alone (default: "
+                        f"{CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on a GPU)")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="process only the K-th of N deterministic parts of the inputs (1 <= K "
                         "<= N), so N processes can share one output folder")
     p.add_argument("--topk", type=int, default=0,
-                   help="also write OUT/predictions.csv with the top K object and scene labels")
+                   help="also write OUT/predictions.csv with the top K object and scene labels "
+                        "(default: 0, none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.input is None and args.list is None:
@@ -81,8 +114,12 @@ def parse_args(argv):
         if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
             p.error(f"--shard takes K/N with 1 <= K <= N, not {args.shard!r}")
         args.shard = (int(k), int(n))
-    if args.workers < 0 or args.min_seconds < 0 or args.topk < 0 or (args.batch_size or 1) < 1:
-        p.error("--workers, --min-seconds and --topk must be >= 0, --batch-size >= 1")
+    batch_size = 1 if args.batch_size is None else args.batch_size
+    for flag, value, least in (("--workers", args.workers, 0), ("--topk", args.topk, 0),
+                               ("--min-seconds", args.min_seconds, 0),
+                               ("--batch-size", batch_size, 1)):
+        if not value >= least:   # also refuses nan
+            p.error(f"{flag} must be >= {least}, not {value:g}")
     args.ext = sorted({e.lower() if e.startswith(".") else "." + e.lower() for e in args.ext})
     return args
 
@@ -90,9 +127,10 @@ def parse_args(argv):
 # -- inputs ------------------------------------------------------------------------------------
 
 def find_inputs(args) -> dict:
-    """{output key: input path}, sorted by key. The key is the path relative to the root
-    without its extension, in posix form ("a/x" for a/x.mp3). Raises UsageError when the root
-    is missing or two inputs share a key (x.mp3 and x.wav side by side)."""
+    """{output key: (input path, that path relative to the root)}, sorted by key. The key is
+    the relative path without its extension, in posix form ("a/x" for a/x.mp3). Raises
+    UsageError when the root is missing, holds no matching file, or two inputs share a key
+    (x.mp3 and x.wav side by side)."""
     if args.list:
         if not args.list.is_file():
             raise UsageError(f"--list {args.list}: no such file")
@@ -103,11 +141,17 @@ def find_inputs(args) -> dict:
         root = args.input or Path(os.path.commonpath([p.absolute().parent for p in paths]))
     else:
         root = args.input
+        if root.is_file():
+            raise UsageError(f"-i {root}: is a file, not a folder; give its folder "
+                             f"(-i {root.parent}) or list files in a text file with --list")
         if not root.is_dir():
             raise UsageError(f"-i {root}: no such folder")
-        paths = sorted(Path(folder) / name
-                       for folder, dirs, files in os.walk(root)
-                       for name in dirs + files if Path(name).suffix.lower() in args.ext)
+        found = [Path(folder) / name for folder, dirs, files in os.walk(root)
+                 for name in dirs + files]
+        paths = sorted(path for path in found if path.suffix.lower() in args.ext)
+        if not paths:
+            raise UsageError(f"no {' or '.join(args.ext)} files under -i {root}; "
+                             f"{describe_found(found)}")
     inputs, clashes = {}, []
     for path in paths:
         try:
@@ -116,11 +160,23 @@ def find_inputs(args) -> dict:
             raise UsageError(f"{path} is not inside -i {root}") from None
         key = relative.with_suffix("").as_posix()
         if key in inputs:
-            clashes.append(f"  {inputs[key]} and {path} -> {key}.npy")
-        inputs[key] = path
+            clashes.append(f"  {inputs[key][0]} and {path} -> {key}.npy")
+        inputs[key] = (path, relative.as_posix())
     if clashes:
         raise UsageError("inputs that would write the same output:\n" + "\n".join(clashes))
     return dict(sorted(inputs.items()))
+
+
+def describe_found(paths: list) -> str:
+    """What a folder holds instead, for the message: 'found 10 .mp3, 2 .txt (use -f ...)'."""
+    files = [p for p in paths if p.is_file()]
+    if not files:
+        return "it holds no files"
+    counts = Counter(p.suffix.lower() or "(no extension)" for p in files).most_common()
+    listed = ", ".join(f"{n} {ext}" for ext, n in counts[:5])
+    more = f" and {len(counts) - 5} other kinds" if len(counts) > 5 else ""
+    hint = f"; take them with -f {counts[0][0]}" if counts[0][0].startswith(".") else ""
+    return f"found {listed}{more}{hint}"
 
 
 def in_shard(key: str, shard) -> bool:
@@ -165,7 +221,10 @@ class Decoders:
 
     def __init__(self, workers: int, channel: str):
         self.channel, self.paths = channel, []
-        context = multiprocessing.get_context("fork")
+        # fork where the system has it (a forked worker starts at once and shares the parent's
+        # pages); spawn elsewhere (Windows), which imports this module afresh: still no torch.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
         self.workers = [self._launch(context) for _ in range(workers)]
 
     def _launch(self, context):
@@ -229,13 +288,70 @@ class Decoders:
 
 @contextmanager
 def locked(out: Path):
-    """Serialise manifest and metadata updates between --shard processes on one OUT."""
-    with open(out / ".soundnet.lock", "a") as lock:
+    """Serialise manifest and metadata updates between --shard processes on one OUT.
+    Where the system has fcntl (Linux, macOS, BSD): flock on OUT/.soundnet.lock, which the
+    kernel releases when its holder dies. Elsewhere (Windows): see lock_file."""
+    try:
+        import fcntl
+    except ImportError:
+        with lock_file(out / f"{LOCK_FILE}.held"):
+            yield
+        return
+    with open(out / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def lock_file(path: Path, poll: float = 0.02):
+    """A lock held by creating `path` exclusively (O_CREAT | O_EXCL: atomic on every system
+    and on network file systems), holding "host pid token". A waiter takes over one whose
+    holder died: a pid not running on this host, or older than STALE_LOCK_SECONDS."""
+    me = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            remove_if_stale(path)
+            time.sleep(poll)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def remove_if_stale(path: Path):
+    try:
+        holder = path.read_text(encoding="utf-8")
+        age = time.time() - path.stat().st_mtime
+    except (FileNotFoundError, UnicodeDecodeError):
+        return
+    host, _, rest = holder.partition(" ")
+    pid = rest.split(" ")[0]
+    dead = host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+    # An empty holder: created, not yet written (or died in between).
+    if dead or age > (STALE_LOCK_SECONDS if holder else 10.0):
+        try:
+            if path.read_text(encoding="utf-8") == holder:   # not retaken meanwhile
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def writing_into(out: Path):
+    """OSError from writing into OUT -> OutputFailed, one line naming OUT and the reason."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputFailed(write_failure(e, out)) from e
 
 
 class CsvLog:
@@ -246,41 +362,84 @@ class CsvLog:
         self.path, self.fields, self.key_fields = path, fields, key_fields
 
     def append(self, rows):
-        with locked(self.path.parent), open(self.path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, self.fields)
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerows(rows)
+        """Whole rows or nothing: a write that fails (full disk) is cut back off the file."""
+        text = io.StringIO()
+        csv.DictWriter(text, self.fields).writerows(rows)
+        with locked(self.path.parent), open(self.path, "ab", buffering=0) as f:
+            start = f.seek(0, os.SEEK_END)
+            header = "" if start else ",".join(self.fields) + "\r\n"
+            try:
+                write_all(f, (header + text.getvalue()).encode("utf-8", "surrogateescape"))
+            except OSError:
+                f.truncate(start)
+                raise
 
     def rows(self) -> dict:
         """{key: last row for it}."""
         if not self.path.exists():
             return {}
-        with open(self.path, newline="", encoding="utf-8") as f:
+        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             return {tuple(r[k] for k in self.key_fields): r for r in csv.DictReader(f)}
 
-    def compact(self):
+    def has_header(self) -> bool:
+        """Whether the file is missing or starts with this log's header (an older manifest
+        has fewer columns: compact it before appending)."""
+        if not self.path.exists():
+            return True
+        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            return next(csv.reader(f), None) == self.fields
+
+    def compact(self, keep=lambda row: True):
+        """Rewrite the file: the last row per key for which keep(row), sorted."""
         with locked(self.path.parent):
             rows = self.rows()
-            with atomic_write(self.path, "w", newline="", encoding="utf-8") as f:
+            with atomic_write(self.path, "w", newline="", encoding="utf-8",
+                              errors="surrogateescape") as f:
                 writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
                 writer.writeheader()
-                writer.writerows(row for _, row in sorted(rows.items()))
+                writer.writerows(row for _, row in sorted(rows.items()) if keep(row))
 
 
-def write_metadata(out: Path, args, layers, sha256: str):
-    """OUT/soundnet.json: what a reader needs to interpret the arrays. Refuses (UsageError) an
-    OUT whose existing arrays were made with other settings, unless --force."""
+def write_all(f, data: bytes):
+    """Write all of `data` to the unbuffered binary file f (a raw write may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
+def write_metadata(out: Path, args, layers, sha256: str, feature_names) -> list:
+    """OUT/soundnet.json: what a reader needs to interpret the arrays. Arrays made with other
+    settings (or found without a soundnet.json) must not stay beside them: the run is refused
+    (UsageError naming what differs), or with --force they are removed, with manifest and
+    predictions. Returns the names of the features removed."""
     settings = {"sample_rate": SAMPLE_RATE, "weights_sha256": sha256,
-                "min_seconds": args.min_seconds, "channel": args.channel}
-    path = out / "soundnet.json"
+                "min_seconds": args.min_seconds, "tiling": TILING_RULE, "channel": args.channel}
+    path = out / METADATA
     with locked(out):
-        meta = json.loads(path.read_text()) if path.exists() else {}
-        old = {k: meta[k] for k in settings if k in meta}
-        if old and old != settings and not args.force:
-            raise UsageError(f"{out} holds features made with {old}, not {settings}: use "
-                             "another -o, or --force to redo everything with the new settings")
-        features = {} if old != settings else meta.get("features", {})
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        except ValueError as e:
+            raise UsageError(f"{path}: unreadable ({e}); remove it, or use another -o") from None
+        if not isinstance(meta, dict):
+            raise UsageError(f"{path}: not what extract_feats.py writes; remove it, or use "
+                             "another -o")
+        old = {k: meta.get(k) for k in settings}
+        folders = [d.name for d in out.iterdir() if d.is_dir() and d.name in feature_names]
+        if meta:
+            stale = sorted(set(meta.get("features", {})) | set(folders)) if old != settings else []
+            why = "made with other settings: " + differences(old, settings)
+        else:
+            stale = sorted(name for name in folders if any((out / name).rglob("*.npy")))
+            why = f"without a {METADATA} saying how they were made"
+        if stale and not args.force:
+            raise UsageError(f"{out} holds features ({', '.join(stale)}) {why}; use another -o, "
+                             "or --force to remove them and extract with these settings")
+        for name in stale:
+            shutil.rmtree(out / name, ignore_errors=True)
+        if stale:
+            for name in (MANIFEST, PREDICTIONS):
+                (out / name).unlink(missing_ok=True)
+        features = meta.get("features", {}) if meta and not stale else {}
         for layer in layers:
             features[layer.name] = {
                 "torch_index": layer.index, "channels": layer.channels,
@@ -294,6 +453,15 @@ def write_metadata(out: Path, args, layers, sha256: str):
                 "+ n * hop_seconds", "features": dict(sorted(features.items()))}
         with atomic_write(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(meta, indent=1) + "\n")
+    return stale
+
+
+def differences(old: dict, new: dict) -> str:
+    """'channel mean (now first), min_seconds 20.0 (now 10.0)': only the keys that differ."""
+    def show(value):
+        text = "(not recorded)" if value is None else str(value)
+        return text[:12] + "..." if len(text) > 40 else text   # a sha256: its start suffices
+    return ", ".join(f"{k} {show(old[k])} (now {show(new[k])})" for k in new if old[k] != new[k])
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -301,31 +469,49 @@ def write_metadata(out: Path, args, layers, sha256: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        inputs = {k: p for k, p in find_inputs(args).items() if in_shard(k, args.shard)}
+        if args.output.exists() and not args.output.is_dir():
+            raise UsageError(f"-o {args.output}: is a file, not a folder")
+        found = {k: v for k, v in find_inputs(args).items() if in_shard(k, args.shard)}
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    decoders = Decoders(min(args.workers, len(inputs)), args.channel)   # before torch
+    decoders = Decoders(min(args.workers, len(found)), args.channel)   # before torch
     try:
-        return run(args, inputs, decoders)
+        return run(args, found, decoders)
     finally:
         decoders.close()
 
 
-def run(args, inputs: dict, decoders: Decoders) -> int:
+def run(args, found: dict, decoders: Decoders) -> int:
+    """found: {output key: (input path, path relative to the root)}."""
     import torch
     import soundnet
 
+    inputs = {key: path for key, (path, _) in found.items()}
     try:
         layers = [soundnet.get_layer(name) for name in args.features]
         device = pick_device(args.device, torch)
+        if args.model is not None and not args.model.is_file():   # only the default is fetched
+            raise UsageError(f"-m {args.model}: no such file (only the default "
+                             f"{soundnet.WEIGHTS_PATH} is downloaded when missing)")
         net = soundnet.SoundNet.from_pretrained(args.model or soundnet.WEIGHTS_PATH, device)
-        args.output.mkdir(parents=True, exist_ok=True)
-        write_metadata(args.output, args, layers, net.weights_sha256)
     except (ValueError, UsageError, soundnet.WeightsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    job = Extraction(args, net, layers, device, len(inputs))
+    try:
+        with writing_into(args.output):
+            args.output.mkdir(parents=True, exist_ok=True)
+            names = {layer.name for layer in soundnet.LAYERS.values()}
+            removed = write_metadata(args.output, args, layers, net.weights_sha256, names)
+            remove_stale_partials(args.output)
+            job = Extraction(args, net, layers, device,
+                             {key: relative for key, (_, relative) in found.items()})
+    except (UsageError, OutputFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if removed:
+        print(f"removed {', '.join(removed)} from {args.output} (made with other settings)",
+              file=sys.stderr)
     todo = [k for k in inputs if args.force or not job.done(k)]
     decoders.start([inputs[k] for k in todo])
     todo_keys = set(todo)
@@ -333,7 +519,7 @@ def run(args, inputs: dict, decoders: Decoders) -> int:
         if key not in todo_keys:
             job.skip(key)
     torch.set_num_threads(max(1, CPUS - len(decoders.workers)))
-    interrupted = False
+    interrupted, stopped = False, None
     try:
         for i, key in enumerate(todo):
             info, n_samples = None, 0
@@ -358,8 +544,21 @@ def run(args, inputs: dict, decoders: Decoders) -> int:
         job.flush()
     except KeyboardInterrupt:
         interrupted = True
+    except OutputFailed as e:   # full disk: every later file would fail the same way
+        stopped = str(e)
     finally:
-        job.close()
+        try:
+            job.close()
+        except OutputFailed as e:   # rows stay appended, uncompacted: still readable
+            stopped = stopped or str(e)
+    if stopped:
+        c = job.counts
+        print(f"error: {stopped}; stopped after {c['ok']} ok, {c['failed']} failed, "
+              f"{c['skipped']} skipped (recorded in {args.output / MANIFEST}); make room and "
+              "run again to do the rest", file=sys.stderr)
+        return 1
+    if args.topk and not interrupted:
+        print(predictions_table(args.output / PREDICTIONS, list(inputs)), flush=True)
     print(job.summary() + (" (interrupted)" if interrupted else ""), file=sys.stderr)
     if interrupted:
         return 130
@@ -370,29 +569,47 @@ class Extraction:
     """The outputs of one run: feature arrays, manifest and predictions rows, counts, the
     progress bar; and the batching of short files."""
 
-    def __init__(self, args, net, layers, device: str, n_inputs: int):
+    def __init__(self, args, net, layers, device: str, sources: dict):
+        """sources: {output key: input path relative to the root}, for the manifest."""
         import soundnet
         self.soundnet, self.args, self.net, self.out = soundnet, args, net, args.output
+        self.sources = sources
         self.names = list(dict.fromkeys(layer.name for layer in layers))
-        self.heads = ["y_obj", "y_scns"] if args.topk else []
+        self.heads = list(HEADS) if args.topk else []
         self.computed = list(dict.fromkeys(self.names + self.heads))
         self.longest_minimum = max(map(soundnet.get_layer, self.computed),
                                    key=lambda layer: layer.min_samples)
-        self.min_samples = int(np.ceil(args.min_seconds * SAMPLE_RATE))
         self.stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)  # longer: streamed
-        self.batch_size = args.batch_size or (1 if device == "cpu" else 16)
-        self.pending = {}   # decoded length -> [(key, info, n_samples, wave)] for a batch
-        self.manifest = CsvLog(self.out / "manifest.csv", MANIFEST_FIELDS, ["path"])
-        self.predictions = CsvLog(self.out / "predictions.csv", PREDICTION_FIELDS,
+        self.batch_size = args.batch_size or (CPU_BATCH_SIZE if device == "cpu" else GPU_BATCH_SIZE)
+        # padded audio per network call, in proportion to the batch size (memory)
+        self.batch_seconds = soundnet.BATCH_SECONDS * self.batch_size / soundnet.BATCH_SIZE
+        self.window = []   # [(key, info, n_samples, tiled wave)] waiting for a batch
+        self.manifest = CsvLog(self.out / MANIFEST, MANIFEST_FIELDS, ["path"])
+        self.predictions = CsvLog(self.out / PREDICTIONS, PREDICTION_FIELDS,
                                   ["path", "head", "rank"])
+        for log in (self.manifest, self.predictions):
+            if not log.has_header():   # written by an older version: add the new columns
+                log.compact()
         self.previous = self.manifest.rows()
+        self.ranked = self.predictions.rows() if self.heads else {}
+        self.failed_keys = set()
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.audio_seconds, self.started = 0.0, time.perf_counter()
-        self.bar = tqdm(total=n_inputs, unit="file", disable=args.quiet or None,
+        self.bar = tqdm(total=len(sources), unit="file", disable=args.quiet or None,
                         dynamic_ncols=True)
 
     def done(self, key: str) -> bool:
-        return all((self.out / name / f"{key}.npy").exists() for name in self.names)
+        """Whether everything this run asks for exists: the arrays, and with --topk the
+        predictions (its rows, or the head arrays to rank)."""
+        arrays = all((self.out / name / f"{key}.npy").exists() for name in self.names)
+        return arrays and (self._ranked(key) or all(
+            (self.out / head / f"{key}.npy").exists() for head in self.heads))
+
+    def _ranked(self, key: str) -> bool:
+        """Whether predictions.csv has ranks 1..K of both heads for key."""
+        return all((key, head, str(rank)) in self.ranked for head in self.heads
+                   for rank in range(1, min(self.args.topk,
+                                            self.soundnet.get_layer(head).channels) + 1))
 
     # -- one file ---------------------------------------------------------------------------------
 
@@ -409,37 +626,36 @@ class Extraction:
         self.save(key, info, n_samples, feats)
 
     def add(self, key, info, blocks: list):
-        """A short file, whole: tiled to --min-seconds, then batched with others of its
-        length (a GPU's speed; on the CPU the batch is one file by default)."""
+        """A short file, whole: tiled to --min-seconds, then run in a batch with files of
+        similar length (any lengths batch exactly: SoundNet.extract_many)."""
         wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
         n_samples = len(wave)
         if n_samples == 0:
             raise AudioError("no samples (decodes to 0 samples)")
-        if n_samples < self.min_samples:   # circular tiling, as the original did
-            wave = np.tile(wave, -(-self.min_samples // n_samples))
+        wave = tile_clip(wave, self.args.min_seconds)
         if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
             raise ValueError(self.soundnet.too_short_message(self.longest_minimum, len(wave)))
-        group = self.pending.setdefault(len(wave), [])
-        group.append((key, info, n_samples, wave))
-        if len(group) >= self.batch_size:
-            self._run_batch(self.pending.pop(len(wave)))
-        elif sum(map(len, self.pending.values())) >= self.batch_size:
-            self.flush()   # lengths differ: run what waits rather than hold ever more files
+        self.window.append((key, info, n_samples, wave))
+        if (len(self.window) >= WINDOW_BATCHES * self.batch_size
+                or sum(len(w) for *_, w in self.window) >= WINDOW_SECONDS * SAMPLE_RATE):
+            self.flush()
 
     def flush(self):
-        for length in list(self.pending):
-            self._run_batch(self.pending.pop(length))
-
-    def _run_batch(self, group):
-        feats = self.net.extract(np.stack([wave for *_, wave in group]), self.computed)
-        for i, (key, info, n_samples, _) in enumerate(group):
-            self.save(key, info, n_samples, {name: f[i] for name, f in feats.items()})
+        """Run the files waiting in the window (extract_many sorts them by length)."""
+        window, self.window = self.window, []
+        if window:
+            feats = self.net.extract_many([wave for *_, wave in window], self.computed,
+                                          batch_size=self.batch_size,
+                                          batch_seconds=self.batch_seconds)
+            for (key, info, n_samples, _), f in zip(window, feats):
+                self.save(key, info, n_samples, f)
 
     # -- rows ---------------------------------------------------------------------------------------
 
     def save(self, key, info, n_samples, feats):
-        for name in self.names:
-            save_array(self.out / name / f"{key}.npy", feats[name])
+        with writing_into(self.out):
+            for name in self.names:
+                save_array(self.out / name / f"{key}.npy", feats[name])
         self._finish({"path": key, "status": "ok", "seconds": f"{n_samples / SAMPLE_RATE:.3f}",
                       "sample_rate": info.sample_rate, "channels": info.channels,
                       "frames": " ".join(f"{n}:{len(feats[n])}" for n in self.names)}, feats)
@@ -451,26 +667,31 @@ class Extraction:
             row.update(seconds=f"{n_samples / SAMPLE_RATE:.3f}", sample_rate=info.sample_rate,
                        channels=info.channels)
         tqdm.write(f"failed: {message}", file=sys.stderr)
+        self.failed_keys.add(key)
         self._finish(row)
 
     def skip(self, key):
-        """Outputs already there: the manifest keeps what the earlier run recorded."""
-        saved = {h: self.out / h / f"{key}.npy" for h in self.heads}
-        heads = ({h: np.load(p, allow_pickle=False) for h, p in saved.items()}
-                 if self.heads and all(p.exists() for p in saved.values()) else None)
+        """Outputs already there: the manifest keeps what the earlier run recorded; predictions
+        missing from predictions.csv are ranked from the saved head arrays."""
+        heads = None
+        if self.heads and not self._ranked(key):
+            heads = {h: np.load(self.out / h / f"{key}.npy", allow_pickle=False)
+                     for h in self.heads}
         self._finish({**self.previous.get((key,), {"path": key}), "status": "skipped",
                       "error": ""}, heads)
 
     def _finish(self, row: dict, heads=None):
+        row["input"] = self.sources[row["path"]]
+        with writing_into(self.out):
+            self.manifest.append([row])
+            if self.heads and heads:
+                self.predictions.append(
+                    {"path": row["path"], "head": h, "rank": rank, "label": label,
+                     "probability": f"{p:.6f}"}
+                    for h in self.heads
+                    for rank, (label, p) in enumerate(
+                        self.soundnet.top_labels(heads[h], h, self.args.topk), 1))
         self.counts[row["status"]] += 1
-        self.manifest.append([row])
-        if heads:
-            self.predictions.append(
-                {"path": row["path"], "head": h, "rank": rank, "label": label,
-                 "probability": f"{p:.6f}"}
-                for h in self.heads
-                for rank, (label, p) in enumerate(
-                    self.soundnet.top_labels(heads[h], h, self.args.topk), 1))
         if row["status"] != "skipped":
             self.audio_seconds += float(row.get("seconds") or 0)
         self.bar.update()
@@ -481,16 +702,56 @@ class Extraction:
         return max(time.perf_counter() - self.started, 1e-9)
 
     def close(self):
+        """Compact the logs; predictions.csv keeps exactly ranks 1..K of the files not failed."""
         self.bar.close()
-        self.manifest.compact()
-        if self.heads:
-            self.predictions.compact()
+        with writing_into(self.out):
+            self.manifest.compact()
+            if self.heads:
+                self.predictions.compact(lambda row: int(row["rank"]) <= self.args.topk
+                                         and row["path"] not in self.failed_keys)
 
     def summary(self) -> str:
         c = self.counts
         return (f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped; "
                 f"{self.audio_seconds / 3600:.2f} h of audio in {self.elapsed():.1f} s "
                 f"({self.audio_seconds / self.elapsed():.0f}x realtime)")
+
+
+def predictions_table(path: Path, keys: list, max_files: int = TABLE_FILES) -> str:
+    """predictions.csv made readable on a terminal: the top scenes and objects of the first
+    max_files of `keys` that have predictions, two aligned lines per file; further files are
+    counted, not printed, so a folder of thousands of files still gives a short table."""
+    if not path.exists():
+        return f"no predictions in {path}"
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = sorted(csv.DictReader(f), key=lambda row: int(row["rank"]))
+    top = {}   # (key, head) -> ["label 12.3%", ...] in rank order
+    for row in rows:
+        top.setdefault((row["path"], row["head"]), []).append(
+            f"{short_label(row['label'])} {float(row['probability']):.1%}")
+    keys = [key for key in keys if (key, "y_scns") in top]
+    if not keys:
+        return f"no predictions in {path}"
+    shown = keys[:max_files]
+    key_width = max(map(len, shown))
+    cell_width = 2 + max(len(cell) for key in shown for head in ("y_scns", "y_obj")
+                         for cell in top.get((key, head), []))
+    lines = ["top scenes (Places2) and objects (ImageNet), softmax probability averaged over "
+             "each clip's frames:"]
+    for key in shown:
+        for name, head, title in ((key, "y_scns", "scenes "), ("", "y_obj", "objects")):
+            cells = "".join(cell.ljust(cell_width) for cell in top.get((key, head), []))
+            lines.append(f"  {name:<{key_width}}  {title}  {cells}".rstrip())
+    if len(keys) > len(shown):
+        lines.append(f"  ... and {len(keys) - len(shown)} more in {path}")
+    return "\n".join(lines)
+
+
+def short_label(label: str) -> str:
+    """'/s/stadium/football' -> 'stadium/football'; 'seashore, coast, ...' -> 'seashore'."""
+    if label.startswith("/"):
+        label = label[3:]
+    return label.split(",")[0].replace("_", " ")
 
 
 def pick_device(name: str, torch) -> str:

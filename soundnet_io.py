@@ -6,14 +6,19 @@ import takes seconds and about 400 MB per process). `soundnet` re-exports `load_
 
     info, blocks = open_audio("clip.mp3")   # info.sample_rate, info.channels of the file
     for block in blocks: ...                # (n,) float32 at 22050 Hz, ~10 s each
-    wave = load_audio("clip.mp3")           # the whole file, (T,) float32
+    wave = load_audio("clip.mp3")           # the whole file, (T,) float32, = librosa.load
+    wave = tile_clip(wave)                  # short clips repeated as extract_feats.py does
     save_array("out/clip.npy", features)    # a plain .npy, written atomically
 """
+import errno
 import os
+import re
+import time
 import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +32,14 @@ SAMPLE_RATE = 22050          # Hz; the rate SoundNet was trained on
 # Audio
 # ---------------------------------------------------------------------------------------------
 AUDIO_BLOCK_SECONDS = 10.0   # decode this much at a time: memory does not grow with file length
+# libsndfile's MP3 decoder gives slightly different samples (up to ~1e-4) in the MPEG frame where
+# a read ends, for 8-24 kHz files; librosa.load reads the whole file in one call. So MP3s up to
+# this long are read in one call too, and equal librosa.load exactly.
+MP3_WHOLE_SECONDS = 240.0
 CHANNEL_POLICIES = ("mean", "first")   # "first": the original Torch code's choice
+MIN_SECONDS = 20.0           # the earlier port tiles clips shorter than this (see tile_clip)
+TILING_RULE = ("a clip of n < L = round(min_seconds * 22050) samples is repeated whole "
+               "floor(L / n) + 1 times (the earlier port's rule)")
 _SIGNATURES = ((b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"), (b"\xff\xf2", "MP3"),
                (b"RIFF", "WAV"), (b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
 
@@ -70,23 +82,74 @@ def load_audio(path, sr: int = SAMPLE_RATE, channel: str = "mean") -> np.ndarray
     return wave
 
 
+def tile_clip(wave: np.ndarray, min_seconds: float = MIN_SECONDS) -> np.ndarray:
+    """A short clip repeated the way the earlier PyTorch port (and the TensorFlow port before
+    it) did before running the network: a clip of n < L = round(min_seconds * 22050) samples is
+    repeated whole floor(L / n) + 1 times (a 5 s clip becomes 25 s, a 10 s clip 30 s); n >= L
+    and min_seconds = 0 leave it as it is. wave: (T,) at 22050 Hz -> (T * repeats,).
+    extract_feats.py applies this to every file, so `net.extract(tile_clip(load_audio(path)))`
+    gives its arrays."""
+    length = round(min_seconds * SAMPLE_RATE)
+    n = wave.shape[-1]
+    return np.tile(wave, length // n + 1) if 0 < n < length else wave
+
+
 def _stream_blocks(f, sr: int, channel: str, block_seconds: float) -> Iterator[np.ndarray]:
-    with f:
-        resampler = None if f.samplerate == sr else soxr.ResampleStream(
-            f.samplerate, sr, 1, dtype="float32", quality="HQ")   # librosa's default, soxr_hq
-        n = max(1, int(block_seconds * f.samplerate))
-        while True:
-            # Read until a read returns nothing: libsndfile's frame count for MP3 is an
-            # estimate, and soundfile.blocks() pads to it.
-            block = f.read(n, dtype="float32", always_2d=True)
-            last = len(block) == 0
+    """An open SoundFile as mono blocks at `sr`, equal to librosa.load (see _mono_resampled)."""
+    n = max(1, int(block_seconds * f.samplerate))
+    if f.format == "MP3" and f.frames <= MP3_WHOLE_SECONDS * f.samplerate:
+        n = max(n, f.frames)
+
+    def native_blocks():
+        with f:
+            while True:
+                # Read until a read returns nothing: libsndfile's frame count for MP3 is an
+                # estimate, and soundfile.blocks() pads to it.
+                block = f.read(n, dtype="float32", always_2d=True)
+                if len(block) == 0:
+                    return
+                yield block
+    return _mono_resampled(native_blocks(), f.samplerate, sr, channel)
+
+
+def _mono_resampled(blocks: Iterator[np.ndarray], native_rate: int, sr: int,
+                    channel: str) -> Iterator[np.ndarray]:
+    """(n, channels) float32 blocks at native_rate -> (n,) float32 mono blocks at `sr`, as
+    librosa.load does it: downmix, soxr HQ, then the length padded or cut to
+    resampled_length(). The last block is held back so that it can be cut."""
+    resampler = None if native_rate == sr else soxr.ResampleStream(
+        native_rate, sr, 1, dtype="float32", quality="HQ")   # librosa's default, soxr_hq
+    n_native, n_out, held = 0, 0, np.zeros(0, np.float32)
+    for block in chain(blocks, [None]):
+        last = block is None
+        if last:
+            mono = resampler.resample_chunk(np.zeros(0, np.float32), last=True) if resampler \
+                else np.zeros(0, np.float32)
+        else:
+            n_native += len(block)
             mono = _downmix(block, channel)
-            if resampler is not None:
-                mono = resampler.resample_chunk(mono, last=last)
-            if len(mono):
-                yield mono
-            if last:
-                return
+            mono = resampler.resample_chunk(mono) if resampler else mono
+        if len(mono):
+            if len(held):
+                yield held
+            n_out, held = n_out + len(mono), mono
+    tail = _fix_length(held, resampled_length(n_native, native_rate, sr) - (n_out - len(held)))
+    if len(tail):
+        yield tail
+
+
+def resampled_length(n_native: int, native_rate: int, sr: int = SAMPLE_RATE) -> int:
+    """Samples librosa.load(path, sr) returns for n_native samples at native_rate: it resamples
+    and then pads with zeros or trims to this length (soxr's stream gives one sample fewer
+    for some rates). The float expression is librosa's own, so the rounding is the same."""
+    return n_native if native_rate == sr else int(np.ceil(n_native * (float(sr) / native_rate)))
+
+
+def _fix_length(wave: np.ndarray, length: int) -> np.ndarray:
+    """wave cut or zero-padded at the end to `length` samples."""
+    if len(wave) >= length:
+        return wave[:max(length, 0)]
+    return np.concatenate([wave, np.zeros(length - len(wave), wave.dtype)])
 
 
 def _downmix(block: np.ndarray, channel: str) -> np.ndarray:
@@ -119,7 +182,8 @@ def _open_with_librosa(path: Path, sr: int, channel: str, sndfile_error: Excepti
     block = wave[:, None] if wave.ndim == 1 else wave.T
     mono = _downmix(block, channel)
     if native_sr != sr:
-        mono = soxr.resample(mono, native_sr, sr, quality="HQ")
+        mono = _fix_length(soxr.resample(mono, native_sr, sr, quality="HQ"),
+                           resampled_length(len(mono), native_sr, sr))
     return AudioInfo(int(native_sr), block.shape[1]), iter([mono])
 
 
@@ -151,6 +215,13 @@ def _describe_failure(path: Path, error: Exception) -> str:
 # ---------------------------------------------------------------------------------------------
 # Output files
 # ---------------------------------------------------------------------------------------------
+FULL_DEVICE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# An interrupted writer's temporary: .<name>.<pid>.<8 hex>.partial (see atomic_write).
+PARTIAL_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.partial$", re.DOTALL)
+# A temporary of a process not running on this machine is removed only when nothing has written
+# to it for this long: a --shard process on another machine sharing OUT has a pid this machine
+# cannot see, but its temporary keeps changing while it writes.
+STALE_PARTIAL_SECONDS = 60.0
 
 @contextmanager
 def atomic_write(path, mode: str = "wb", **open_kwargs):
@@ -178,3 +249,53 @@ def save_array(path, array: np.ndarray):
         raise ValueError(f"{path}: refusing to write an object array (it would need pickle)")
     with atomic_write(path) as f:
         np.save(f, array, allow_pickle=False)
+
+
+def write_failure(error: OSError, folder) -> str:
+    """One line for an output write that failed, naming the output folder: says when its
+    device is full (or over quota)."""
+    if error.errno in FULL_DEVICE_ERRNOS:
+        return f"{folder}: the output folder is full (no space left on its device)"
+    return f"{folder}: cannot write there ({error.strerror or error})"
+
+
+def remove_stale_partials(folder, min_age: float = STALE_PARTIAL_SECONDS) -> int:
+    """Delete the temporaries that killed writers left under `folder`: those whose process is
+    not running on this machine and that were last written over `min_age` seconds ago.
+    Returns how many were removed."""
+    removed = 0
+    now = time.time()
+    for path in Path(folder).rglob(".*.partial"):
+        match = PARTIAL_NAME.match(path.name)
+        if not match or process_alive(int(match.group(1))):
+            continue
+        try:
+            if now - path.stat().st_mtime > min_age:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:   # another process removed it first
+            pass
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (when unsure: True)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":   # os.kill(pid, 0) would terminate the process on Windows
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)   # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.GetLastError() == 5   # access denied: it exists
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return not ok or code.value == 259   # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # exists, owned by another user
+        return True
+    return True

@@ -59,11 +59,7 @@ def outputs(out, features=FEATURES):
 
 def expected(net, path, min_seconds=20, features=FEATURES):
     """What the Python API gives for the same file."""
-    wave = load_audio(path)
-    n = int(np.ceil(min_seconds * soundnet.SAMPLE_RATE))
-    if len(wave) < n:
-        wave = np.tile(wave, -(-n // len(wave)))
-    return net.extract(wave, features)
+    return net.extract(soundnet.tile_clip(load_audio(path), min_seconds), features)
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +211,7 @@ def test_list_file_features_by_index_and_channel(corpus, tmp_path, net):
     assert main("--list", listing, "-i", corpus, "-o", out, "--features", "22", "pool5",
                 "--channel", "first", "--workers", 0) == 0
     wave = load_audio(corpus / "c/rain.ogg", channel="first")
-    want = net.extract(np.tile(wave, 4)[:len(wave) * 4], ["conv7.conv", "pool5"])
+    want = net.extract(np.tile(wave, 5), ["conv7.conv", "pool5"])   # 5 s -> 25 s
     got = np.load(out / "conv7.conv" / "c" / "rain.npy")
     np.testing.assert_allclose(got, want["conv7.conv"], atol=1e-5 * np.abs(got).max())
     assert set(manifest(out)) == {"a/x", "c/rain"}
@@ -256,12 +252,13 @@ def test_equal_length_files_batched_equal_one_by_one(tmp_path):
         np.testing.assert_allclose(a[key], b[key], atol=1e-5 * np.abs(a[key]).max())
 
 
+# --batch-size 2: files are written a window of 8 at a time, so the signal lands mid-run
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_run_leaves_no_partial_file(tmp_path, sig):
     folder = write_corpus(tmp_path / "in", [(f"{i:02d}.wav", 20, 22050, 1) for i in range(24)])
     out = tmp_path / "out"
     args = [sys.executable, str(ROOT / "extract_feats.py"), "-i", str(folder), "-o", str(out),
-            "-f", ".wav", "--features", "pool1", "conv7", "--quiet"]
+            "-f", ".wav", "--features", "pool1", "conv7", "--quiet", "--batch-size", "2"]
     process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list((out / "conv7").glob("*.npy")) and time.time() < deadline:

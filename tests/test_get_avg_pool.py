@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,9 @@ NUMPY_POOLS = {
 
 
 def make_raw(root, feature, shapes, seed=0):
-    """RAW/<feature>/<key>.npy for each key -> (T, C); returns {key: array}."""
+    """RAW/<feature>/<key>.npy for each key -> (T, C), described in RAW/soundnet.json as
+    extract_feats.py does; returns {key: array}."""
+    describe(root, feature)
     rng = np.random.default_rng(seed)
     arrays = {}
     for key, shape in shapes.items():
@@ -28,6 +31,16 @@ def make_raw(root, feature, shapes, seed=0):
         arrays[key] = rng.standard_normal(shape).astype(np.float32)
         np.save(path, arrays[key])
     return arrays
+
+
+def describe(root, feature, settings=None):
+    """Add `feature` to RAW/soundnet.json (made with `settings`)."""
+    path = root / "soundnet.json"
+    meta = json.loads(path.read_text()) if path.exists() else {"channel": "mean", "features": {}}
+    meta.update(settings or {})
+    meta["features"][feature] = {"channels": 0}
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta))
 
 
 def load(path):
@@ -48,7 +61,6 @@ def raw(tmp_path):
     root = tmp_path / "raw"
     conv7 = make_raw(root, "conv7", {"a/x": (7, 16), "b/x": (3, 16), "top": (1, 16)}, seed=1)
     y_scns = make_raw(root, "y_scns", {"a/x": (7, 401), "b/x": (3, 401), "top": (1, 401)}, seed=2)
-    (root / "soundnet.json").write_text("{}")
     (root / "manifest.csv").write_text("path\n")
     (root / "conv7" / "a" / ".x.npy.123.abcd.partial").write_bytes(b"junk")
     (root / "conv7" / "a" / ".hidden.npy").write_bytes(b"junk")
