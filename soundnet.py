@@ -538,7 +538,7 @@ class SoundNet(nn.Module):
         all None for a block past the deepest of `wanted` ({Torch index: name}). Cached,
         and rebuilt whenever a value it was built from (parameters, running statistics, eps)
         changed. The check compares values, as edits through `.data` bypass every version
-        counter; it reads 2.8M numbers, about 1.5 ms (README, Python API)."""
+        counter; it reads 2.8M numbers, 1-1.6 ms (README, Python API)."""
         modules = [m for m in self.features if isinstance(m, (nn.Conv1d, nn.BatchNorm1d))]
         if self._fused is None:
             self._fused = [None] * len(BLOCKS)
