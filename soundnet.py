@@ -57,6 +57,13 @@ CHUNK_SECONDS = 240.0
 # the heads' 44 MB of weights, is shared by the batch).
 BATCH_SIZE = 16
 BATCH_SECONDS = 480.0
+# Inputs that are almost certainly a mistake. A 2-D array of at most MAX_CHANNELS columns and
+# over CHANNELS_LAST_RATIO times as many rows is (samples, channels) audio, not a batch (B, T).
+MAX_CHANNELS = 8
+CHANNELS_LAST_RATIO = 100
+# Decoded audio peaks at about 1 (MP3s a little above); a peak beyond this is integer PCM cast
+# to float or an input already multiplied by INPUT_SCALE.
+LOUD_PEAK = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +81,7 @@ class ConvBlock:
     padding: int
     pool: int = 1        # max-pool kernel = stride; 1 means no pool
     head: bool = False   # conv8 heads: convolution only
+    centre: bool = False  # fast path: take the input on silence out of the GEMM (_conv_block)
 
     @property
     def n_modules(self) -> int:
@@ -88,7 +96,7 @@ class ConvBlock:
 
 BLOCKS = (
     ConvBlock("conv1", 1, 16, 64, 2, 32, pool=8),
-    ConvBlock("conv2", 16, 32, 32, 2, 16, pool=8),
+    ConvBlock("conv2", 16, 32, 32, 2, 16, pool=8, centre=True),
     ConvBlock("conv3", 32, 64, 16, 2, 8),
     ConvBlock("conv4", 64, 128, 8, 2, 4),
     ConvBlock("conv5", 128, 256, 4, 2, 2, pool=4),
@@ -209,6 +217,71 @@ def too_short_message(layer: Layer, n_samples: int) -> str:
             f"({layer.min_samples / SAMPLE_RATE:.2f} s at {SAMPLE_RATE} Hz)")
 
 
+def _layer_list(layers) -> list:
+    """One layer (name, index) or several -> [Layer]."""
+    if isinstance(layers, (str, int, np.integer, Layer)):
+        layers = [layers]
+    return [get_layer(n) for n in layers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+
+def _check_wave(wave) -> tuple:
+    """A waveform (T,) or batch (B, T) of float samples in [-1, 1], as given (numpy array or
+    tensor; other sequences become numpy), after refusing with a ValueError what would
+    silently give wrong features: scalars, other ranks, an empty batch (0, T), a likely
+    (samples, channels) array, integer or non-real samples, NaN or infinity. Negative-stride
+    numpy views are copied. Returns (wave, peak |sample|)."""
+    if not isinstance(wave, (torch.Tensor, np.ndarray)):
+        wave = np.asarray(wave)
+    shape = tuple(wave.shape)
+    if len(shape) not in (1, 2):
+        got = "a scalar" if not shape else f"shape {shape}"
+        raise ValueError(f"expected a waveform (T,) or a batch (B, T), got {got}")
+    if len(shape) == 2 and shape[0] == 0:
+        raise ValueError(f"empty batch: shape {shape}")
+    if len(shape) == 2 and shape[1] <= MAX_CHANNELS and shape[0] > CHANNELS_LAST_RATIO * shape[1]:
+        raise ValueError(
+            f"shape {shape} looks like {shape[1]}-channel audio as (samples, channels); "
+            "SoundNet takes a mono waveform (T,) or a batch of them (B, T): downmix first "
+            "(wave.mean(axis=1)), or read the file with soundnet.load_audio, which does")
+    is_tensor = isinstance(wave, torch.Tensor)
+    if wave.dtype in (torch.bool, np.bool_) or (not wave.is_floating_point() if is_tensor else
+                                                 np.issubdtype(wave.dtype, np.integer)):
+        raise ValueError(
+            f"integer samples ({wave.dtype}): SoundNet expects float samples in [-1, 1]; "
+            "divide 16-bit PCM by 32768 (wave / 32768), or read the file with "
+            "soundnet.load_audio")
+    if not (is_tensor or np.issubdtype(wave.dtype, np.floating)):
+        raise ValueError(f"expected real float samples, got dtype {wave.dtype}")
+    if not is_tensor and min(wave.strides, default=0) < 0:   # torch cannot view these
+        wave = wave.copy()
+    peak = _peak(wave)
+    if not np.isfinite(peak):
+        raise ValueError("the waveform contains NaN or infinite samples")
+    return wave, peak
+
+
+def _warn_if_loud(peak: float) -> bool:
+    """Warn if a waveform's peak is far outside [-1, 1]; True if it did."""
+    if peak > LOUD_PEAK:
+        warnings.warn(f"waveform peak above {LOUD_PEAK}: SoundNet expects samples in [-1, 1] "
+                      f"(it scales by INPUT_SCALE={INPUT_SCALE:g} itself). Integer PCM "
+                      "converted to float without dividing by 32768?", stacklevel=2)
+    return peak > LOUD_PEAK
+
+
+def _peak(wave) -> float:
+    """max |sample| (NaN if any is NaN); 0 for no samples or shapes only (meta device)."""
+    if not wave.shape[-1] or (isinstance(wave, torch.Tensor) and wave.is_meta):
+        return 0.0
+    if isinstance(wave, torch.Tensor):
+        return float(wave.detach().abs().max())
+    return float(np.max(np.abs(wave)))
+
+
 # ---------------------------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------------------------
@@ -247,10 +320,13 @@ class SoundNet(nn.Module):
     # -- the trainable network --------------------------------------------------------------
 
     def forward(self, wave, layers=("y_obj", "y_scns")) -> dict:
-        """wave: (T,) or (B, T) waveform in [-1, 1]. Returns {name: (B, C, frames)} tensors of
-        the requested layers, through the plain modules (train mode and autograd work)."""
+        """wave: (T,) or (B, T) waveform in [-1, 1] (see _check_wave); layers: names or indices,
+        or one. Returns {name: (B, C, frames)} tensors of the requested layers, through the plain
+        modules (train mode and autograd work)."""
+        wave, peak = _check_wave(wave)
+        _warn_if_loud(peak)
         x = self._input(wave).unsqueeze(1)
-        wanted = _check_lengths([get_layer(n) for n in layers], x.shape[-1])
+        wanted = _check_lengths(_layer_list(layers), x.shape[-1])
         out = {}
         for index, module in enumerate(self.features, start=1):
             if index > max(wanted):
@@ -267,8 +343,9 @@ class SoundNet(nn.Module):
 
     def extract(self, wave, layers=DEFAULT_FEATURES, chunk_seconds=CHUNK_SECONDS,
                 batch_size=BATCH_SIZE, batch_seconds=BATCH_SECONDS):
-        """wave: (T,) or (B, T) waveform at 22050 Hz in [-1, 1], numpy or torch; or a list of
-        (T_i,) waveforms of any lengths.
+        """wave: (T,) or (B, T) float waveform at 22050 Hz in [-1, 1], numpy or torch (mono:
+        stereo must be downmixed; see _check_wave); or a list of (T_i,) waveforms of any
+        lengths. layers: feature names or Torch indices, or one.
         Returns {name: (frames, C)} (or (B, frames, C)) float32, numpy for numpy input; for a
         list, a list of such dicts in its order, each equal to `extract` of that waveform alone.
         Always inference semantics (batch-norm running statistics), whatever the module mode.
@@ -288,7 +365,9 @@ class SoundNet(nn.Module):
         the waveform runs alone. Waveforms are sorted by length (little padding) and grouped
         up to batch_size and batch_seconds of padded audio; those longer than chunk_seconds
         stream alone. Returns a list of {name: (frames_i, C)} in input order."""
-        wanted = [get_layer(n) for n in layers]
+        wanted = _layer_list(layers)
+        waves, peaks = zip(*[_check_wave(w) for w in waves]) if waves else ((), (0.0,))
+        _warn_if_loud(max(peaks))
         lengths = [np.shape(w)[-1] if np.ndim(w) == 1 else None for w in waves]
         if None in lengths:
             raise ValueError("extract of a list takes 1-D waveforms (T,); got shape "
@@ -330,7 +409,7 @@ class SoundNet(nn.Module):
         on multiples of the deepest layer's hop, so every layer's frames fall on the same
         samples, and each frame is kept from a chunk that holds its whole receptive field or
         reaches the end of the audio on that side, as the whole input does."""
-        wanted = [get_layer(n) for n in layers]
+        wanted = _layer_list(layers)
         if not wanted:
             raise ValueError("no layers requested")
         deepest = max(wanted, key=lambda layer: layer.hop)
@@ -390,21 +469,20 @@ class SoundNet(nn.Module):
 
     @staticmethod
     def _pieces(blocks: Iterable, size: int):
-        """The blocks, long ones cut into views of at most `size` samples along time, so a
-        long input is converted and scaled a piece at a time."""
+        """The blocks, checked (warning at most once), long ones cut into views of at most
+        `size` samples along time, so a long input is converted and scaled a piece at a time."""
+        warned = False
         for block in blocks:
-            block = block if isinstance(block, (torch.Tensor, np.ndarray)) else np.asarray(block)
+            block, peak = _check_wave(block)
+            warned = warned or _warn_if_loud(peak)
             for start in range(0, max(block.shape[-1], 1), size):
                 yield block[..., start:start + size]
 
     def _input(self, wave) -> torch.Tensor:
-        """(T,) or (B, T) waveform -> (B, T) float32 network input, scaled by INPUT_SCALE."""
+        """Checked (T,) or (B, T) waveform -> (B, T) float32 network input, scaled by
+        INPUT_SCALE."""
         x = torch.as_tensor(wave, dtype=torch.float32, device=self.conv8.weight.device)
-        if x.ndim == 1:
-            x = x.unsqueeze(0)
-        if x.ndim != 2:
-            raise ValueError(f"expected a waveform (T,) or a batch (B, T), got shape {tuple(x.shape)}")
-        return x * INPUT_SCALE
+        return (x.unsqueeze(0) if x.ndim == 1 else x) * INPUT_SCALE
 
     def _input_batch(self, waves: list, length: int) -> torch.Tensor:
         """1-D waveforms -> (B, length) scaled network input, zero-padded at the end."""
@@ -420,11 +498,11 @@ class SoundNet(nn.Module):
         batch norm folded in (time-major), except blocks whose inner layers are wanted, which
         run module by module (batch norm on its running statistics).
         Returns {name: (B, frames, C)}."""
-        fused = self._fused_weights()
+        fused = self._fused_weights(wanted)
         out, index = {}, 0
         # Time-major (B, T, C) throughout, each block's input already zero-padded for it.
         x = F.pad(x, (BLOCKS[0].padding, BLOCKS[0].padding)).unsqueeze(-1)
-        for i, (b, (weight, bias)) in enumerate(zip(BLOCKS, fused)):
+        for i, (b, (weight, bias, offset)) in enumerate(zip(BLOCKS, fused)):
             pad = BLOCKS[i + 1].padding if i + 1 < len(BLOCKS) else 0   # for the next block
             n_modules = b.n_modules
             if any(j in wanted for j in range(index + 1, index + n_modules)):
@@ -438,7 +516,7 @@ class SoundNet(nn.Module):
                         out[wanted[j]] = y.transpose(1, 2)
                 x = F.pad(y, (pad, pad)).transpose(1, 2).contiguous()
             else:
-                x = _conv_block(x, weight, bias, b, pad)
+                x = _conv_block(x, weight, bias, b, pad, offset)
             index += n_modules
             if lengths is not None:   # what lies past a row's own frames: zero padding
                 for row, n in enumerate(lengths):
@@ -447,24 +525,45 @@ class SoundNet(nn.Module):
                 out[wanted[index]] = x[:, pad:x.shape[1] - pad]
             if index >= max(wanted):
                 return out
-        for j, h, (weight, bias) in zip((25, 26), HEADS, fused[len(BLOCKS):]):
-            if j in wanted:
-                out[wanted[j]] = _conv_block(x, weight, bias, h)
+        for j, h, head in zip((25, 26), HEADS, (self.conv8, self.conv8_2)):
+            if j in wanted:   # a few frames, large weights: read in place, never a stale copy
+                rows = x.unfold(1, h.kernel, h.stride)          # (B, frames, C_in, kernel)
+                y = _matmul(rows.reshape(-1, h.in_channels * h.kernel), head.weight.flatten(1).T)
+                out[wanted[j]] = (y + head.bias).view(x.shape[0], -1, h.out_channels)
         return out
 
-    def _fused_weights(self) -> list:
-        """Per block, (GEMM weight, bias) with eval-mode batch norm folded in, cached until a
-        parameter or buffer changes."""
-        tensors = list(self.parameters()) + list(self.buffers())
-        # _version counts in-place updates (optimizer steps, load_state_dict); data_ptr moves.
-        version = tuple((t.data_ptr(), t._version) for t in tensors)
-        if self._fused is None or self._fused[0] != version:
-            modules = [m for m in self.features if isinstance(m, (nn.Conv1d, nn.BatchNorm1d))]
-            convs = list(zip(modules[0::2], modules[1::2])) + [(self.conv8, None),
-                                                               (self.conv8_2, None)]
-            self._fused = (version, [_gemm_weights(b, conv, bn)
-                                     for b, (conv, bn) in zip(BLOCKS + HEADS, convs)])
-        return self._fused[1]
+    def _fused_weights(self, wanted: dict) -> list:
+        """Per block of BLOCKS, (GEMM weight, bias, offset) with eval-mode batch norm folded
+        in, and for a `centre` block the offset to take out of its input rows (see _conv_block);
+        all None for a block past the deepest of `wanted` ({Torch index: name}). Cached,
+        and rebuilt whenever a value it was built from (parameters, running statistics, eps)
+        changed. The check compares values, as edits through `.data` bypass every version
+        counter; it reads 2.8M numbers, 1-1.6 ms (README, Python API)."""
+        modules = [m for m in self.features if isinstance(m, (nn.Conv1d, nn.BatchNorm1d))]
+        if self._fused is None:
+            self._fused = [None] * len(BLOCKS)
+        first, result = 0, []   # first: Torch index of the block's first module, minus 1
+        for i, (block, conv, bn) in enumerate(zip(BLOCKS, modules[0::2], modules[1::2])):
+            if first >= max(wanted):
+                result.append((None, None, None))
+                continue
+            first += block.n_modules
+            sources = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                       bn.running_var, bn.eps]
+            if self._fused[i] is None or not _same_values(self._fused[i][0], sources):
+                snapshot = [t.detach().clone() if isinstance(t, torch.Tensor) else t
+                            for t in sources]
+                self._fused[i] = (snapshot, _gemm_weights(block, conv, bn))
+            # The block's input on silence: the previous block's bias after ReLU and max-pool.
+            offset = (result[-1][1].clamp(min=0).repeat(block.span) if block.centre else None)
+            result.append(self._fused[i][1] + (offset,))
+        return result
+
+
+def _same_values(snapshot: list, sources: list) -> bool:
+    return all(a == b if not isinstance(a, torch.Tensor) else
+               (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                and torch.equal(a, b)) for a, b in zip(snapshot, sources))
 
 
 def _like(wave, feats: dict) -> dict:
@@ -482,13 +581,15 @@ def _check_lengths(layers, n_samples: int) -> dict:
     """{Torch index: canonical name}, after checking the input is long enough for each."""
     for layer in layers:
         if n_samples < layer.min_samples:
-            raise ValueError(too_short_message(layer, n_samples))
+            raise ValueError(too_short_message(layer, n_samples) + (
+                "; to get y_obj / y_scns from a shorter clip, repeat it as extract_feats.py "
+                "does: net.extract(soundnet.tile_clip(wave), ...)" if layer.index > 24 else ""))
     if not layers:
         raise ValueError("no layers requested")
     return {layer.index: layer.name for layer in layers}
 
 
-def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn) -> tuple:
+def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d) -> tuple:
     """The block's convolution, batch norm and max-pool window as one matrix.
 
     Row r of the GEMM input holds the block.span input frames (time-major, all channels) that
@@ -498,11 +599,9 @@ def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn) -> tuple:
     with the max, so they are applied after it.
     Returns weight (span * C_in, pool * C_out) and bias (C_out,).
     """
-    weight, bias = conv.weight.detach(), conv.bias.detach()        # (C_out, C_in, k)
-    if bn is not None:
-        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-        weight = weight * scale[:, None, None]
-        bias = (bias - bn.running_mean) * scale + bn.bias.detach()
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight.detach() * scale[:, None, None]            # (C_out, C_in, k)
+    bias = (conv.bias.detach() - bn.running_mean) * scale + bn.bias.detach()
     c_out, c_in, k = weight.shape
     taps = weight.permute(2, 1, 0)                                  # (k, C_in, C_out)
     matrix = weight.new_zeros(block.span, c_in, block.pool, c_out)
@@ -522,13 +621,21 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: ConvBlock,
-                pad_after: int = 0) -> torch.Tensor:
+                pad_after: int = 0, offset=None) -> torch.Tensor:
     """One block: conv (+ folded BN) + ReLU + max-pool, as GEMMs over tiles of output frames so
     each tile's input stays in cache. x: (B, T + 2 * block.padding, C_in), time-major and
     already zero-padded -> (B, T_out + 2 * pad_after, C_out), zero-padded for the next block
-    (padding in place saves a copy of every layer)."""
+    (padding in place saves a copy of every layer). offset: (span * C_in,) subtracted from
+    every row, its product added back to the bias in float64."""
     batch, length, c_in = x.shape
     n_out = ((length - block.kernel) // block.stride + 1) // block.pool
+    if offset is not None:
+        # On silence or DC, conv2's input is a large constant per channel, and float32 sums
+        # make the same rounding error in every frame, which conv6's batch norm magnifies
+        # (to 2e-5 of peak). Rows minus their silence value sum small numbers instead.
+        # (Measured: no gain on the other blocks, a loss on conv7.)
+        taps = weight[:, :block.out_channels].double()      # pool position 0: every tap once
+        bias = (bias + offset.double() @ taps).to(x.dtype)
     # rows[b, r] = the span input frames of output frame r: a strided view, no copy yet.
     rows = x.contiguous().as_strided((batch, n_out, block.span * c_in),
                                      (length * c_in, block.pool * block.stride * c_in, 1))
@@ -538,15 +645,17 @@ def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block
     frames = out[:, pad_after:pad_after + n_out]
     tile = max(MIN_TILE_ROWS // batch, TILE_BYTES // (block.span * c_in * 4 * batch), 1)
     for start in range(0, n_out, tile):
-        y = _matmul(rows[:, start:start + tile].reshape(-1, rows.shape[-1]), weight)
+        tile_rows = rows[:, start:start + tile]
+        if offset is not None:   # the copy that reshape would make anyway
+            tile_rows = tile_rows - offset
+        y = _matmul(tile_rows.reshape(-1, rows.shape[-1]), weight)
         # Max over the pool window by halving the columns (pools are powers of two):
         # contiguous, and here several times faster than amax over a middle dimension.
         while y.shape[1] > block.out_channels:
             half = y.shape[1] // 2
             y = torch.maximum(y[:, :half], y[:, half:])
         y += bias
-        if not block.head:
-            y.clamp_(min=0)
+        y.clamp_(min=0)
         frames[:, start:start + tile] = y.view(batch, -1, block.out_channels)
     return out
 
@@ -681,6 +790,9 @@ CATEGORY_FILES = {"y_obj": MODELS_DIR / "categories_imagenet.txt",
 def load_categories(head: str) -> list:
     """Class names of y_obj (1000 ImageNet objects) or y_scns (401 Places2 scenes), in output
     order, e.g. "tench, Tinca tinca" or "/a/abbey"."""
+    if head not in CATEGORY_FILES:
+        raise ValueError(f"unknown head {head!r}: class names exist for "
+                         f"{' and '.join(CATEGORY_FILES)} only")
     lines = CATEGORY_FILES[head].read_text(encoding="utf-8").splitlines()
     if head == "y_obj":   # "n01440764 tench, Tinca tinca": drop the WordNet id
         lines = [line.split(" ", 1)[1] for line in lines]
@@ -688,10 +800,23 @@ def load_categories(head: str) -> list:
 
 
 def top_labels(logits, head: str, k: int = 5) -> list:
-    """logits: (frames, C) y_obj or y_scns. Softmax per frame, averaged over frames (as the
-    original predictions script did). Returns the k most likely [(class name, probability)]."""
+    """logits: (frames, C) y_obj or y_scns of one clip ((C,) is one frame), or (B, frames, C)
+    of a batch. Softmax per frame, averaged over frames (as the original predictions script
+    did). Returns the k most likely [(class name, probability)], or a list of those per clip
+    for a batch. C must be the head's class count."""
+    names = load_categories(head)
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    if logits.ndim == 3:
+        return [top_labels(clip, head, k) for clip in logits]
+    logits = logits.reshape(1, -1) if logits.ndim == 1 else logits
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"expected logits (frames, C) or (B, frames, C), got shape "
+                         f"{tuple(logits.shape)}")
+    if logits.shape[1] != len(names):
+        other = [LAYERS[i].name for i in (25, 26) if LAYERS[i].channels == logits.shape[1]]
+        raise ValueError(f"{head} has {len(names)} classes but the logits have "
+                         f"{logits.shape[1]} channels" + (f" (those of {other[0]}?)" if other
+                                                          else ""))
     probs = torch.softmax(logits, dim=-1).mean(0)
     top = torch.topk(probs, min(k, len(probs)))
-    names = load_categories(head)
     return [(names[i], float(p)) for p, i in zip(top.values, top.indices)]

@@ -252,12 +252,13 @@ def test_equal_length_files_batched_equal_one_by_one(tmp_path):
         np.testing.assert_allclose(a[key], b[key], atol=1e-5 * np.abs(a[key]).max())
 
 
+# --batch-size 2: files are written a window of 8 at a time, so the signal lands mid-run
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_run_leaves_no_partial_file(tmp_path, sig):
     folder = write_corpus(tmp_path / "in", [(f"{i:02d}.wav", 20, 22050, 1) for i in range(24)])
     out = tmp_path / "out"
     args = [sys.executable, str(ROOT / "extract_feats.py"), "-i", str(folder), "-o", str(out),
-            "-f", ".wav", "--features", "pool1", "conv7", "--quiet"]
+            "-f", ".wav", "--features", "pool1", "conv7", "--quiet", "--batch-size", "2"]
     process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list((out / "conv7").glob("*.npy")) and time.time() < deadline:
