@@ -192,15 +192,18 @@ def decode_worker(tasks, results, channel):
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
     parent = os.getppid()
 
-    def put(message):
+    def waiting(wait):   # while it waits, check each second that the main process is alive
         while True:
             try:
-                return results.put(message, timeout=1.0)
-            except queue.Full:
+                return wait(timeout=1.0)
+            except (queue.Full, queue.Empty):
                 if os.getppid() != parent:   # the main process is gone (killed): stop too
                     os._exit(1)
 
-    for path in tasks.get():
+    def put(message):
+        waiting(lambda timeout: results.put(message, timeout=timeout))
+
+    for path in waiting(tasks.get):
         try:
             info, blocks = open_audio(path, channel=channel)
             put(("info", info))
@@ -228,7 +231,7 @@ class Decoders:
         self.workers = [self._launch(context) for _ in range(workers)]
 
     def _launch(self, context):
-        tasks, results = context.SimpleQueue(), context.Queue(QUEUE_BLOCKS)
+        tasks, results = context.Queue(), context.Queue(QUEUE_BLOCKS)
         process = context.Process(target=decode_worker, args=(tasks, results, self.channel),
                                   daemon=True)
         process.start()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,13 +253,13 @@ def test_equal_length_files_batched_equal_one_by_one(tmp_path):
         np.testing.assert_allclose(a[key], b[key], atol=1e-5 * np.abs(a[key]).max())
 
 
-# --batch-size 2: files are written a window of 8 at a time, so the signal lands mid-run
+# --batch-size 1: files are written a window of 4 at a time, so the signal lands mid-run
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_run_leaves_no_partial_file(tmp_path, sig):
-    folder = write_corpus(tmp_path / "in", [(f"{i:02d}.wav", 20, 22050, 1) for i in range(24)])
+    folder = write_corpus(tmp_path / "in", [(f"{i:02d}.wav", 20, 22050, 1) for i in range(60)])
     out = tmp_path / "out"
     args = [sys.executable, str(ROOT / "extract_feats.py"), "-i", str(folder), "-o", str(out),
-            "-f", ".wav", "--features", "pool1", "conv7", "--quiet", "--batch-size", "2"]
+            "-f", ".wav", "--features", "pool1", "conv7", "--quiet", "--batch-size", "1"]
     process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list((out / "conv7").glob("*.npy")) and time.time() < deadline:
@@ -266,7 +267,7 @@ def test_interrupted_run_leaves_no_partial_file(tmp_path, sig):
     os.kill(process.pid, sig)
     _, stderr = process.communicate(timeout=60)
     done = outputs(out, ["pool1", "conv7"])
-    assert 0 < len(done) < 48
+    assert 0 < len(done) < 120
     for key, array in done.items():
         assert array.shape[0] > 0   # every file present is complete (np.load would fail)
     if sig == signal.SIGINT:
@@ -276,6 +277,39 @@ def test_interrupted_run_leaves_no_partial_file(tmp_path, sig):
     # a re-run finishes exactly the rest
     rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert len(outputs(out, ["pool1", "conv7"])) == 48
-    complete = {f"{i:02d}" for i in range(24)}
+    assert len(outputs(out, ["pool1", "conv7"])) == 120
+    complete = {f"{i:02d}" for i in range(60)}
     assert {k for k, row in manifest(out).items() if row["status"] in ("ok", "skipped")} == complete
+
+
+
+def process_state(pid):
+    """The state letter of /proc/<pid>/stat ("Z": zombie), and its parent pid; None if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def test_decoders_exit_when_the_main_process_is_killed_before_work(tmp_path):
+    # Killed while it imports torch: the workers, waiting for their files, must not linger.
+    folder = write_corpus(tmp_path / "in", GOOD[:2])
+    process = subprocess.Popen([sys.executable, str(ROOT / "extract_feats.py"), "-i", str(folder),
+                                "-o", str(tmp_path / "out"), "--workers", "2", "--quiet"],
+                               cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 30, []
+    while len(workers) < 2 and time.time() < deadline:
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                   and (process_state(p) or ("", 0))[1] == process.pid]
+        time.sleep(0.01)
+    assert len(workers) == 2
+    process.kill()
+    process.wait()
+
+    def alive():
+        return [p for p in workers if (process_state(p) or ("Z",))[0] != "Z"]
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive()
