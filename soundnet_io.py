@@ -412,7 +412,6 @@ def process_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     if os.name == "nt":   # os.kill(pid, 0) would terminate the process on Windows
-        import ctypes
         kernel32 = ctypes.windll.kernel32
         handle = kernel32.OpenProcess(0x1000, False, pid)   # PROCESS_QUERY_LIMITED_INFORMATION
         if not handle:
