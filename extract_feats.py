@@ -45,7 +45,7 @@ PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
 HEADS = ("y_obj", "y_scns")   # what --topk ranks
 TABLE_FILES = 20     # --topk prints the top labels of at most this many files
 QUEUE_BLOCKS = 24    # decoded ~10 s blocks a worker may run ahead of the model
-CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64   # files per network call (measured: README Performance)
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64   # files per network call (soundnet.BATCH_SIZE)
 # Short files wait in a window of up to this many batches (and this much tiled audio) so they
 # can be sorted by length: batches then hold files of nearly equal length, little padding.
 WINDOW_BATCHES = 4
@@ -223,7 +223,7 @@ class Decoders:
     it the paths with `start` once the work is known."""
 
     def __init__(self, workers: int, channel: str):
-        self.channel, self.paths = channel, []
+        self.channel, self.paths, self.ahead = channel, [], False
         # fork where the system has it (a forked worker starts at once and shares the parent's
         # pages); spawn elsewhere (Windows), which imports this module afresh: still no torch.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -242,6 +242,13 @@ class Decoders:
         for w, (_, tasks, _) in enumerate(self.workers):
             tasks.put(self.paths[w::len(self.workers)])
 
+    def threads_for_model(self, i: int) -> int:
+        """Cores for the model once file i has been received: all of them while the decoders
+        are ahead (file i was waiting: they block on full queues, as on short clips, where the
+        model does most of the work), else those the decoders leave free (long files, where
+        decoding does)."""
+        return CPUS if self.ahead else max(1, CPUS - self.busy(i))
+
     def busy(self, i: int) -> int:
         """How many workers still decode once file i has been received."""
         return sum(1 for w in range(len(self.workers)) if i + 1 + w < len(self.paths))
@@ -251,6 +258,7 @@ class Decoders:
         its end before asking for the next file."""
         if not self.workers:
             return open_audio(self.paths[i], channel=self.channel)
+        self.ahead = not self.workers[i % len(self.workers)][2].empty()
         kind, value = self._get(i)
         if kind == "error":
             raise AudioError(value)
@@ -540,8 +548,7 @@ def run(args, found: dict, decoders: Decoders) -> int:
                     job.add(key, info, head)
             except (AudioError, ValueError) as e:
                 job.fail(key, inputs[key], e, info, n_samples)
-            # Once the decoders run out of files, give the model their cores.
-            threads = max(1, CPUS - decoders.busy(i))
+            threads = decoders.threads_for_model(i)
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
         job.flush()
