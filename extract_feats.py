@@ -731,10 +731,8 @@ def predictions_table(path: Path, keys: list, max_files: int = TABLE_FILES) -> s
     """predictions.csv made readable on a terminal: the top scenes and objects of the first
     max_files of `keys` that have predictions, two aligned lines per file; further files are
     counted, not printed, so a folder of thousands of files still gives a short table."""
-    if not path.exists():
-        return f"no predictions in {path}"
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = sorted(csv.DictReader(f), key=lambda row: int(row["rank"]))
+    log = CsvLog(path, PREDICTION_FIELDS, ["path", "head", "rank"])
+    rows = sorted(log.rows().values(), key=lambda row: int(row["rank"]))
     top = {}   # (key, head) -> ["label 12.3%", ...] in rank order
     for row in rows:
         top.setdefault((row["path"], row["head"]), []).append(

@@ -7,6 +7,7 @@ import sys
 import soundfile as sf
 
 from conftest import ROOT
+import extract_feats
 from extract_feats import TABLE_FILES, predictions_table
 
 AUDIO = ROOT / "examples" / "audio"
@@ -70,3 +71,15 @@ def test_table_of_a_small_folder_lists_every_file(tmp_path):
     lines = predictions_table(path, ["a", "b"]).splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["a", "objects", "b", "objects"]
     assert predictions_table(path, ["c"]) == f"no predictions in {path}"
+
+
+def test_table_reads_names_that_are_not_utf8(tmp_path):
+    # Linux file names need not be UTF-8; the logs keep them with surrogateescape.
+    out = tmp_path / "out"
+    out.mkdir()
+    key = b"caf\xe9".decode("utf-8", "surrogateescape")
+    extract_feats.CsvLog(out / "predictions.csv", extract_feats.PREDICTION_FIELDS,
+                         ["path", "head", "rank"]).append(
+        [{"path": key, "head": head, "rank": 1, "label": "x", "probability": 0.5}
+         for head in ("y_scns", "y_obj")])
+    assert key in predictions_table(out / "predictions.csv", [key])
