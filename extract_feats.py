@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from soundnet_io import (CHANNEL_POLICIES, MIN_SECONDS, SAMPLE_RATE, TILING_RULE, AudioError,
-                         atomic_write, open_audio, process_alive, remove_stale_partials,
-                         save_array, tile_clip, write_failure)
+from soundnet_io import (CHANNEL_POLICIES, METADATA_FILE, MIN_SECONDS, SAMPLE_RATE, TILING_RULE,
+                         AudioError, atomic_write, open_audio, process_alive,
+                         remove_stale_partials, save_array, tile_clip, write_failure)
 
-METADATA = "soundnet.json"
 MANIFEST = "manifest.csv"
 PREDICTIONS = "predictions.csv"
 MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "frames", "error",
@@ -425,7 +424,7 @@ def write_metadata(out: Path, args, layers, sha256: str, feature_names) -> list:
     predictions. Returns the names of the features removed."""
     settings = {"sample_rate": SAMPLE_RATE, "weights_sha256": sha256,
                 "min_seconds": args.min_seconds, "tiling": TILING_RULE, "channel": args.channel}
-    path = out / METADATA
+    path = out / METADATA_FILE
     with locked(out):
         try:
             meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -441,7 +440,7 @@ def write_metadata(out: Path, args, layers, sha256: str, feature_names) -> list:
             why = "made with other settings: " + differences(old, settings)
         else:
             stale = sorted(name for name in folders if any((out / name).rglob("*.npy")))
-            why = f"without a {METADATA} saying how they were made"
+            why = f"without a {METADATA_FILE} saying how they were made"
         if stale and not args.force:
             raise UsageError(f"{out} holds features ({', '.join(stale)}) {why}; use another -o, "
                              "or --force to remove them and extract with these settings")

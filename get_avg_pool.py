@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from soundnet_io import atomic_write, remove_stale_partials, save_array, write_failure
+from soundnet_io import (METADATA_FILE, atomic_write, remove_stale_partials, save_array,
+                         write_failure)
 
 DEFAULT_FEATURE = "conv7"
 # Each pool mode is a sequence of reductions over frames, concatenated in this order.
@@ -33,7 +34,6 @@ REDUCTIONS = {
 COMBINED_MATRIX = "features.npy"
 COMBINED_INDEX = "index.csv"
 SETTINGS_FILE = "pooling.json"
-EXTRACTION_FILE = "soundnet.json"   # in RAW, written by extract_feats.py
 
 
 class BadArray(ValueError):
@@ -123,7 +123,7 @@ def write_text_atomic(path: Path, text: str):
 def read_extraction(raw: Path, feature: str) -> dict:
     """What RAW/soundnet.json says about `feature` (settings and its entry); UsageError when it
     is missing or does not describe the feature: arrays nothing describes may be stale."""
-    path = raw / EXTRACTION_FILE
+    path = raw / METADATA_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -145,7 +145,7 @@ def check_folders(raw: Path, feature: str, out_dir: Path):
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {out_dir}: is a file, not a folder")
     if not feature_dir.is_dir():
-        if (raw.parent / EXTRACTION_FILE).is_file() and any(raw.glob("**/*.npy")):
+        if (raw.parent / METADATA_FILE).is_file() and any(raw.glob("**/*.npy")):
             raise UsageError(f"-i {raw} is a feature folder: give its parent and the feature, "
                              f"-i {raw.parent} -f {raw.name}")
         found = ", ".join(list_features(raw)) or "none"

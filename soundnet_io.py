@@ -344,6 +344,7 @@ def _describe_failure(path: Path, error: Exception, ffmpeg_said="") -> str:
 # ---------------------------------------------------------------------------------------------
 # Output files
 # ---------------------------------------------------------------------------------------------
+METADATA_FILE = "soundnet.json"   # extract_feats.py's settings in OUT; get_avg_pool.py reads it
 FULL_DEVICE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # An interrupted writer's temporary: .<name>.<pid>.<8 hex>.partial (see atomic_write).
 PARTIAL_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.partial$", re.DOTALL)
