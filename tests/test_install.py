@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+import nbformat
 import pytest
 
 from conftest import ROOT
@@ -90,3 +91,13 @@ def test_editable_install_keeps_weights_and_class_names_in_the_clone(clone, env,
     assert lines[:3] == [str(clone.resolve())] * 3
     assert lines[3:] == [str(clone.resolve() / "models" / "sound8.npy"), "1000 401"]
     assert (target / "bin" / "soundnet-extract").is_file()
+
+    # examples/soundnet.ipynb copied out of the clone finds the clone through the install.
+    notebook = nbformat.read(clone / "examples" / "soundnet.ipynb", as_version=4)
+    first_cell = next(cell for cell in notebook.cells if cell.cell_type == "code").source
+    result = subprocess.run(
+        [sys.executable, "-c", f"import site; site.addsitedir({str(target)!r})\n{first_cell}\n"
+         "print(ROOT, AUDIO.is_dir())"], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": ""})   # matplotlib's font cache: the user's own
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(clone.resolve()), "True"]
