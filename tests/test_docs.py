@@ -18,7 +18,9 @@ HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
 
 def prose(page):
     """The page without its fenced code blocks, where neither links nor headings count."""
-    return FENCE.sub("", page.read_text(encoding="utf-8"))
+    text = page.read_text(encoding="utf-8")
+    assert len(re.findall(r"^```", text, re.M)) % 2 == 0, f"{page.name}: a code block is not closed"
+    return FENCE.sub("", text)
 
 
 def github_anchor(heading):
