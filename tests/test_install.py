@@ -71,6 +71,7 @@ def test_wheel_installs_modules_commands_and_class_names_and_reads_cached_weight
     assert wheel.stat().st_size < 1_000_000   # the 57 MB weights are not in it
     target = tmp_path / "target"
     pip("install", "--no-deps", "--no-index", "--target", str(target), str(wheel), cwd=tmp_path)
+    (target / "models").mkdir()   # another package's: not where this one's files are
 
     lines = check_from_elsewhere(tmp_path, target, "load", env)
     assert lines[:3] == [str(target.resolve())] * 3
