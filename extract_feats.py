@@ -698,7 +698,9 @@ class Extraction:
         short = [name for name in self.computed
                  if self.soundnet.get_layer(name).min_samples > n_samples]
         others = [name for name in self.names if name not in short]
-        fixes = [f"take the others alone (--features {' '.join(others)})"] if others else []
+        fixes = []
+        if others and len(others) < len(self.names):   # some features asked for can be had
+            fixes.append(f"take the others alone (--features {' '.join(others)})")
         if any(name not in self.names for name in short):   # heads computed only to rank
             fixes.append("drop --topk")
         need = self.longest_minimum.min_samples / SAMPLE_RATE

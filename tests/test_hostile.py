@@ -62,14 +62,14 @@ def manifest_rows(out):
 
 @pytest.fixture
 def no_download(monkeypatch):
+    """soundnet.download_weights recording where it was asked to write, then failing."""
     fetched = []
-    monkeypatch.setattr(soundnet, "download_weights",
-                        lambda path=None: fetched.append(path) or _raise(path))
+
+    def download(path=None):
+        fetched.append(path)
+        raise soundnet.WeightsError(f"would download to {path}")
+    monkeypatch.setattr(soundnet, "download_weights", download)
     return fetched
-
-
-def _raise(path):
-    raise soundnet.WeightsError(f"would download to {path}")
 
 
 def test_missing_weights_path_is_an_error_in_from_pretrained_and_hub(tmp_path, no_download):
@@ -89,7 +89,7 @@ def test_the_default_weights_path_is_still_fetched(tmp_path, monkeypatch, no_dow
     assert len(no_download) == 1
 
 
-# -- 6, 19. get_avg_pool: a missing RAW is named; OUT and RAW apart --------------------------------
+# -- 6, 19. get_avg_pool: a missing RAW is named; OUT and RAW apart -------------------------------
 
 def test_get_avg_pool_missing_input_says_so(tmp_path, capsys):
     assert pool("-i", tmp_path / "never_extracted", "-o", tmp_path / "x") == 2
@@ -111,13 +111,13 @@ def test_get_avg_pool_output_in_or_around_raw_is_refused(tmp_path, capsys, out, 
     assert not (tmp_path / "pooling.json").exists() and len(arrays) == 2
 
 
-# -- 7. too short without tiling: which features, and how to drop them ------------------------------
+# -- 7. too short without tiling: which features, and how to drop them ----------------------------
 
 @pytest.mark.parametrize("flags, fixes", [
     ([], ["too short for y_obj, y_scns", "take the others alone (--features conv7)",
           "(--min-seconds 10)"]),
     (["--features", "conv7", "pool5", "--topk", "2"],
-     ["too short for y_obj, y_scns", "drop --topk", "(--min-seconds 10)"]),
+     ["too short for y_obj, y_scns: drop --topk, or tile", "(--min-seconds 10)"]),
 ])
 def test_too_short_names_the_features_that_need_more_and_how_to_drop_them(tmp_path, flags,
                                                                            fixes):
@@ -130,7 +130,7 @@ def test_too_short_names_the_features_that_need_more_and_how_to_drop_them(tmp_pa
         assert fix in error, error
 
 
-# -- 10, 29. CSVs: "\n" line ends, spreadsheet-safe cells, safe table --------------------------------
+# -- 10, 29. CSVs: "\n" line ends, spreadsheet-safe cells, safe table -----------------------------
 
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory):
@@ -172,7 +172,8 @@ def test_crlf_manifest_of_an_older_version_is_still_read(hostile_run, tmp_path):
                    "--features", "pool5") == 0
     again = manifest_rows(out)
     assert {k: r["status"] for k, r in again.items()} == {k: "skipped" for k in rows}
-    assert {k: r["seconds"] for k, r in again.items()} == {k: r["seconds"] for k, r in rows.items()}
+    assert {k: r["seconds"] for k, r in again.items()} == {
+        k: r["seconds"] for k, r in rows.items()}
     assert b"\r\n" not in (out / "manifest.csv").read_bytes()
 
 
@@ -195,7 +196,7 @@ def test_topk_table_shows_a_name_with_a_line_break_on_one_line(hostile_run):
     assert any(re.match(r"  new\\nline +scenes ", line) for line in lines), stdout
 
 
-# -- 11. the notebook copied out of the repository ---------------------------------------------------
+# -- 11. the notebook copied out of the repository ------------------------------------------------
 
 def test_notebook_outside_the_repository_says_how_to_point_it_there(tmp_path):
     first = next(cell for cell in nbformat.read(ROOT / "examples" / "soundnet.ipynb", 4).cells
@@ -207,7 +208,7 @@ def test_notebook_outside_the_repository_says_how_to_point_it_there(tmp_path):
     assert "StopIteration" not in last and "soundnet.py" in last and "ROOT = Path(" in last, last
 
 
-# -- 12. README's layer indices --------------------------------------------------------------------
+# -- 12. README's layer indices -------------------------------------------------------------------
 
 def test_readme_names_each_layer_by_its_own_index():
     cited = re.findall(r"`([a-z0-9_]+\.(?:conv|bn|relu|pool))`, index (\d+)", README)
@@ -216,7 +217,7 @@ def test_readme_names_each_layer_by_its_own_index():
         assert soundnet.get_layer(int(index)).name == name, (name, index)
 
 
-# -- 13. the classifier recipe on ESC's official folds ----------------------------------------------
+# -- 13. the classifier recipe on ESC's official folds --------------------------------------------
 
 def test_official_fold_recipe_runs_on_a_tiny_stand_in(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
@@ -251,14 +252,14 @@ def test_official_fold_recipe_runs_on_a_tiny_stand_in(tmp_path, monkeypatch):
     assert accuracy and float(accuracy.group(1)) >= 90, result.stdout
 
 
-# -- 15. how long the tests take -------------------------------------------------------------------
+# -- 15. how long the tests take ------------------------------------------------------------------
 
 def test_readme_says_how_long_the_test_suite_takes():
     setup = README[README.index("Run the tests:"):README.index("## What is where")]
     assert re.search(r"takes (about )?[0-9]+(-[0-9]+)? minutes?", setup), setup
 
 
-# -- 16. --force removes only feature folders inside OUT ---------------------------------------------
+# -- 16. --force removes only feature folders inside OUT ------------------------------------------
 
 def test_force_removes_no_folder_named_by_a_hostile_soundnet_json(tmp_path):
     folder = write_clips(tmp_path / "in", ["a.wav"])
@@ -279,7 +280,7 @@ def test_force_removes_no_folder_named_by_a_hostile_soundnet_json(tmp_path):
     assert set(json.loads((out / "soundnet.json").read_text())["features"]) == {"conv7"}
 
 
-# -- 17, 28. --list: nothing outside -i, relative -i, a file listed twice -----------------------------
+# -- 17, 28. --list: nothing outside -i, relative -i, a file listed twice -------------------------
 
 def test_list_entry_reaching_outside_input_is_refused(tmp_path, capsys):
     write_clips(tmp_path / "data" / "in", ["a.wav"])
@@ -306,7 +307,7 @@ def test_list_with_relative_input_and_absolute_entries_and_a_repeat(tmp_path, mo
         "a": (folder / "a.wav", "a.wav"), "sub/b": (folder / "sub" / "b.wav", "sub/b.wav")}
 
 
-# -- 20. sizes checked before anything is allocated ---------------------------------------------------
+# -- 20. sizes checked before anything is allocated -----------------------------------------------
 
 def test_npy_declaring_more_than_it_holds_is_a_bad_file_not_a_crash(tmp_path, capsys):
     raw = tmp_path / "raw"
@@ -377,7 +378,7 @@ def test_weights_are_hashed_in_blocks(monkeypatch):
     assert len(hashing) > 50 and all(0 < n <= 1 << 20 for n in hashing), hashing[:3]
 
 
-# -- 21. --shard on names that are not UTF-8 ---------------------------------------------------------
+# -- 21. --shard on names that are not UTF-8 ------------------------------------------------------
 
 def test_shards_split_non_utf8_names_and_keep_utf8_ones_where_they_were(tmp_path):
     names = [f"{NOT_UTF8}.wav", "café/ünï.wav", "plain.wav", f"sub/{NOT_UTF8}x.wav"]
@@ -400,7 +401,7 @@ def test_shard_run_takes_a_non_utf8_name(tmp_path):
     assert (tmp_path / "out" / "conv7" / f"{key}.npy").exists()
 
 
-# -- 22. truncated WAVs ------------------------------------------------------------------------------
+# -- 22. truncated WAVs ---------------------------------------------------------------------------
 
 def test_truncated_wav_is_an_error_whole_and_streamed_ones_decode(tmp_path):
     full = tmp_path / "full.wav"
@@ -421,7 +422,7 @@ def test_truncated_wav_is_an_error_whole_and_streamed_ones_decode(tmp_path):
                                   soundnet_io.load_audio(full))
 
 
-# -- 23. unreadable subfolders ------------------------------------------------------------------------
+# -- 23. unreadable subfolders --------------------------------------------------------------------
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2   # linux/prctl.h, capability.h
 NO_CAPABILITY_DROP = 99
@@ -440,7 +441,8 @@ def without_root_override():
 def test_unreadable_subfolder_is_named_in_a_warning(tmp_path):
     folder = write_clips(tmp_path / "in", ["a.wav", "locked/b.wav"])
     (folder / "locked").chmod(0)
-    code = "import sys, extract_feats as e; print(sorted(e.find_inputs(e.parse_args(sys.argv[1:]))))"
+    code = ("import sys, extract_feats as e; "
+            "print(sorted(e.find_inputs(e.parse_args(sys.argv[1:]))))")
     try:
         result = subprocess.run(
             [sys.executable, "-c", code, "-i", str(folder), "-o", "x", "-f", ".wav"], cwd=ROOT,
@@ -456,7 +458,7 @@ def test_unreadable_subfolder_is_named_in_a_warning(tmp_path):
                                      "(Permission denied): its files are not taken")
 
 
-# -- 27. names that are not UTF-8: in --list, and read back by README's one-liners ---------------------
+# -- 27. names that are not UTF-8: in --list, and read back by README's one-liners ----------------
 
 def test_list_line_that_is_not_utf8_is_taken(tmp_path):
     folder = write_clips(tmp_path / "in", [f"{NOT_UTF8}.wav", "b.wav"])
