@@ -137,7 +137,7 @@ def hostile_run(tmp_path_factory):
     """One run over names a spreadsheet or a terminal would misread."""
     tmp = tmp_path_factory.mktemp("hostile")
     names = ["=HYPERLINK(1).wav", "+x.wav", "-y.wav", "@z.wav", "'quoted.wav", "new\nline.wav",
-             "plain.wav"]
+             f"{NOT_UTF8}.wav", "plain.wav"]
     folder = write_clips(tmp / "in", names)
     out = tmp / "out"
     result = subprocess.run(
@@ -162,7 +162,8 @@ def test_crlf_manifest_of_an_older_version_is_still_read(hostile_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(hostile_run[0], out)
     rows = manifest_rows(out)
-    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as f:   # csv's CRLF
+    with open(out / "manifest.csv", "w", newline="", encoding="utf-8",   # csv's CRLF
+              errors="surrogateescape") as f:
         writer = csv.DictWriter(f, extract_feats.MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerows({k: soundnet_io.csv_cell(v) for k, v in row.items()}
@@ -179,21 +180,23 @@ def test_crlf_manifest_of_an_older_version_is_still_read(hostile_run, tmp_path):
 
 def test_formula_cells_are_escaped_reversibly(hostile_run, tmp_path):
     out, keys, _ = hostile_run
-    with open(out / "manifest.csv", newline="", encoding="utf-8") as f:
+    with open(out / "manifest.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
         cells = {row["path"] for row in csv.DictReader(f)}
     assert cells == {"'" + k if k[0] in "=+-@'" else k for k in keys}
     assert sorted(k for (k,) in manifest_rows(out)) == keys   # read back as written
     assert pool("-i", out, "-o", tmp_path / "avg", "-f", "pool5", "--combined") == 0
-    with open(tmp_path / "avg" / "index.csv", newline="", encoding="utf-8") as f:
+    with open(tmp_path / "avg" / "index.csv", newline="", encoding="utf-8",
+              errors="surrogateescape") as f:
         index = [soundnet_io.csv_value(row["path"]) for row in csv.DictReader(f)]
     assert sorted(index) == keys
 
 
 def test_topk_table_shows_a_name_with_a_line_break_on_one_line(hostile_run):
-    _, keys, stdout = hostile_run
+    _, keys, stdout = hostile_run   # printed without an encoding error
     lines = stdout.splitlines()
     assert len(lines) == 1 + 2 * len(keys)   # title, then scenes and objects per file
     assert any(re.match(r"  new\\nline +scenes ", line) for line in lines), stdout
+    assert any(re.match(r"  caf\\udce9 +scenes ", line) for line in lines), stdout
 
 
 # -- 11. the notebook copied out of the repository ------------------------------------------------
