@@ -143,7 +143,8 @@ def hostile_run(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, str(ROOT / "extract_feats.py"), "-i", str(folder), "-o", str(out),
          "-f", ".wav", "--features", "pool5", "y_scns", "--topk", "2", "--workers", "0",
-         "--quiet"], capture_output=True, text=True, cwd=tmp)
+         "--quiet"], capture_output=True, text=True, cwd=tmp,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})   # as in a UTF-8 desktop locale
     assert result.returncode == 0, result.stderr
     keys = sorted(name[:-len(".wav")] for name in names)
     return out, keys, result.stdout
