@@ -14,6 +14,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import multiprocessing
 import os
 import queue
@@ -32,9 +33,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from soundnet_io import (CHANNEL_POLICIES, METADATA_FILE, MIN_SECONDS, SAMPLE_RATE, TILING_RULE,
-                         AudioError, atomic_write, open_audio, process_alive,
-                         remove_stale_partials, save_array, tile_clip, write_failure)
+from soundnet_io import (CHANNEL_POLICIES, CSV_LINE_END, METADATA_FILE, MIN_SECONDS, SAMPLE_RATE,
+                         TILING_RULE, AudioError, atomic_write, csv_cell, csv_value, open_audio,
+                         process_alive, remove_stale_partials, save_array, tile_clip,
+                         write_failure)
 
 MANIFEST = "manifest.csv"
 PREDICTIONS = "predictions.csv"
@@ -129,16 +131,13 @@ def parse_args(argv):
 def find_inputs(args) -> dict:
     """{output key: (input path, that path relative to the root)}, sorted by key. The key is
     the relative path without its extension, in posix form ("a/x" for a/x.mp3). Raises
-    UsageError when the root is missing, holds no matching file, or two inputs share a key
-    (x.mp3 and x.wav side by side)."""
+    UsageError when the root is missing, holds no matching file, a listed path lies outside it
+    (so no output can land outside OUT), or two inputs share a key (x.mp3 and x.wav side by
+    side); a file listed twice is taken once. Folders that cannot be read are named in a
+    warning on stderr."""
     if args.list:
-        if not args.list.is_file():
-            raise UsageError(f"--list {args.list}: no such file")
-        lines = args.list.read_text(encoding="utf-8").splitlines()
-        paths = [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
-        if not paths:
-            raise UsageError(f"--list {args.list}: no paths in it")
-        root = args.input or Path(os.path.commonpath([p.absolute().parent for p in paths]))
+        paths = read_list(args.list)
+        root = args.input or Path(os.path.commonpath([absolute(p).parent for p in paths]))
     else:
         root = args.input
         if root.is_file():
@@ -146,18 +145,28 @@ def find_inputs(args) -> dict:
                              f"(-i {root.parent}) or list files in a text file with --list")
         if not root.is_dir():
             raise UsageError(f"-i {root}: no such folder")
-        found = [Path(folder) / name for folder, dirs, files in os.walk(root)
+        unreadable = []   # os.walk skips a folder it cannot list, silently unless told
+        found = [Path(folder) / name
+                 for folder, dirs, files in os.walk(root, onerror=unreadable.append)
                  for name in dirs + files]
+        for error in unreadable:
+            print(f"warning: cannot read folder {error.filename} ({error.strerror}): "
+                  "its files are not taken", file=sys.stderr)
         paths = sorted(path for path in found if path.suffix.lower() in args.ext)
         if not paths:
             raise UsageError(f"no {' or '.join(args.ext)} files under -i {root}; "
                              f"{describe_found(found)}")
-    inputs, clashes = {}, []
+    inputs, clashes, taken = {}, [], set()
     for path in paths:
         try:
-            relative = path.absolute().relative_to(root.absolute())
+            relative = absolute(path).relative_to(absolute(root))
         except ValueError:
-            raise UsageError(f"{path} is not inside -i {root}") from None
+            raise UsageError(f"{path} is not inside -i {root} (it is {absolute(path)})") from None
+        if relative == Path("."):
+            raise UsageError(f"{path} is -i itself, not a file inside it")
+        if relative in taken:   # listed twice
+            continue
+        taken.add(relative)
         key = relative.with_suffix("").as_posix()
         if key in inputs:
             clashes.append(f"  {inputs[key][0]} and {path} -> {key}.npy")
@@ -165,6 +174,26 @@ def find_inputs(args) -> dict:
     if clashes:
         raise UsageError("inputs that would write the same output:\n" + "\n".join(clashes))
     return dict(sorted(inputs.items()))
+
+
+def read_list(list_file: Path) -> list:
+    """The paths in a --list file: one per line, blank lines and "# ..." comments skipped.
+    Bytes that are not UTF-8 are kept as the file system's own (surrogateescape), so such names
+    open as listed."""
+    if not list_file.is_file():
+        raise UsageError(f"--list {list_file}: no such file")
+    text = list_file.read_bytes().decode("utf-8", errors="surrogateescape")
+    paths = [Path(line.strip()) for line in text.splitlines()
+             if line.strip() and not line.startswith("#")]
+    if not paths:
+        raise UsageError(f"--list {list_file}: no paths in it")
+    return paths
+
+
+def absolute(path: Path) -> Path:
+    """The absolute path with "." and ".." taken out by name, as the output key needs: a
+    listed in/../../other/b.mp3 is other/b.mp3, outside -i in, not in/../../other/b."""
+    return Path(os.path.abspath(path))
 
 
 def describe_found(paths: list) -> str:
@@ -181,7 +210,9 @@ def describe_found(paths: list) -> str:
 
 def in_shard(key: str, shard) -> bool:
     """Deterministic split by a hash of the output key: stable when files are added."""
-    return shard is None or zlib.crc32(key.encode("utf-8")) % shard[1] == shard[0] - 1
+    # The name's bytes: the same as key.encode("utf-8") for UTF-8 names, and defined for names
+    # that are not (surrogate-escaped here, where .encode("utf-8") fails).
+    return shard is None or zlib.crc32(os.fsencode(key)) % shard[1] == shard[0] - 1
 
 
 # -- decoding (worker processes: no torch here) ---------------------------------------------------
@@ -375,10 +406,10 @@ class CsvLog:
     def append(self, rows):
         """Whole rows or nothing: a write that fails (full disk) is cut back off the file."""
         text = io.StringIO()
-        csv.DictWriter(text, self.fields).writerows(rows)
+        self._write(text, rows)
         with locked(self.path.parent), open(self.path, "ab", buffering=0) as f:
             start = f.seek(0, os.SEEK_END)
-            header = "" if start else ",".join(self.fields) + "\r\n"
+            header = "" if start else ",".join(self.fields) + CSV_LINE_END
             try:
                 write_all(f, (header + text.getvalue()).encode("utf-8", "surrogateescape"))
             except OSError:
@@ -386,11 +417,20 @@ class CsvLog:
                 raise
 
     def rows(self) -> dict:
-        """{key: last row for it}."""
+        """{key: last row for it}, the values as written (csv_cell's escape undone). Reads
+        the CRLF line ends of older versions too."""
         if not self.path.exists():
             return {}
         with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            return {tuple(r[k] for k in self.key_fields): r for r in csv.DictReader(f)}
+            rows = ({k: csv_value(v) if isinstance(v, str) else v for k, v in r.items()}
+                    for r in csv.DictReader(f))
+            return {tuple(r[k] for k in self.key_fields): r for r in rows}
+
+    def _write(self, f, rows):
+        """rows (dicts) into f, with "\n" line ends and cells escaped by csv_cell."""
+        csv.DictWriter(f, self.fields, extrasaction="ignore", lineterminator=CSV_LINE_END
+                       ).writerows({k: "" if v is None else csv_cell(v) for k, v in row.items()}
+                                   for row in rows)
 
     def has_header(self) -> bool:
         """Whether the file is missing or starts with this log's header (an older manifest
@@ -406,9 +446,8 @@ class CsvLog:
             rows = self.rows()
             with atomic_write(self.path, "w", newline="", encoding="utf-8",
                               errors="surrogateescape") as f:
-                writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(row for _, row in sorted(rows.items()) if keep(row))
+                f.write(",".join(self.fields) + CSV_LINE_END)
+                self._write(f, (row for _, row in sorted(rows.items()) if keep(row)))
 
 
 def write_all(f, data: bytes):
@@ -436,8 +475,12 @@ def write_metadata(out: Path, args, layers, sha256: str, feature_names) -> list:
                              "another -o")
         old = {k: meta.get(k) for k in settings}
         folders = [d.name for d in out.iterdir() if d.is_dir() and d.name in feature_names]
+        # Names read from the file are only ever feature names ("conv7"): a key "../x" or "/"
+        # must not become a folder to remove.
+        described = meta.get("features") if isinstance(meta.get("features"), dict) else {}
+        described = {name: entry for name, entry in described.items() if name in feature_names}
         if meta:
-            stale = sorted(set(meta.get("features", {})) | set(folders)) if old != settings else []
+            stale = sorted(set(described) | set(folders)) if old != settings else []
             why = "made with other settings: " + differences(old, settings)
         else:
             stale = sorted(name for name in folders if any((out / name).rglob("*.npy")))
@@ -450,7 +493,7 @@ def write_metadata(out: Path, args, layers, sha256: str, feature_names) -> list:
         if stale:
             for name in (MANIFEST, PREDICTIONS):
                 (out / name).unlink(missing_ok=True)
-        features = meta.get("features", {}) if meta and not stale else {}
+        features = described if meta and not stale else {}
         for layer in layers:
             features[layer.name] = {
                 "torch_index": layer.index, "channels": layer.channels,
@@ -644,11 +687,28 @@ class Extraction:
             raise AudioError("no samples (decodes to 0 samples)")
         wave = tile_clip(wave, self.args.min_seconds)
         if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
-            raise ValueError(self.soundnet.too_short_message(self.longest_minimum, len(wave)))
+            raise ValueError(self.too_short(len(wave)))
         self.window.append((key, info, n_samples, wave))
         if (len(self.window) >= WINDOW_BATCHES * self.batch_size
                 or sum(len(w) for *_, w in self.window) >= WINDOW_SECONDS * SAMPLE_RATE):
             self.flush()
+
+    def too_short(self, n_samples: int) -> str:
+        """Why a (tiled) clip of n_samples cannot give every feature asked for, naming those
+        that need more and how to drop them or tile to their length."""
+        short = [name for name in self.computed
+                 if self.soundnet.get_layer(name).min_samples > n_samples]
+        others = [name for name in self.names if name not in short]
+        fixes = []
+        if others and len(others) < len(self.names):   # some features asked for can be had
+            fixes.append(f"take the others alone (--features {' '.join(others)})")
+        if any(name not in self.names for name in short):   # heads computed only to rank
+            fixes.append("drop --topk")
+        need = self.longest_minimum.min_samples / SAMPLE_RATE
+        fixes.append(f"tile short clips to at least {need:.2f} s (--min-seconds "
+                     f"{math.ceil(need)})")
+        return (f"{self.soundnet.too_short_message(self.longest_minimum, n_samples)}; too "
+                f"short for {', '.join(short)}: {', or '.join(fixes)}")
 
     def flush(self):
         """Run the files waiting in the window (extract_many sorts them by length)."""
@@ -741,18 +801,26 @@ def predictions_table(path: Path, keys: list, max_files: int = TABLE_FILES) -> s
     if not keys:
         return f"no predictions in {path}"
     shown = keys[:max_files]
-    key_width = max(map(len, shown))
+    names = {key: printable(key) for key in shown}
+    key_width = max(map(len, names.values()))
     cell_width = 2 + max(len(cell) for key in shown for head in ("y_scns", "y_obj")
                          for cell in top.get((key, head), []))
     lines = ["top scenes (Places2) and objects (ImageNet), softmax probability averaged over "
              "each clip's frames:"]
     for key in shown:
-        for name, head, title in ((key, "y_scns", "scenes "), ("", "y_obj", "objects")):
+        for name, head, title in ((names[key], "y_scns", "scenes "), ("", "y_obj", "objects")):
             cells = "".join(cell.ljust(cell_width) for cell in top.get((key, head), []))
             lines.append(f"  {name:<{key_width}}  {title}  {cells}".rstrip())
     if len(keys) > len(shown):
         lines.append(f"  ... and {len(keys) - len(shown)} more in {path}")
     return "\n".join(lines)
+
+
+def printable(name: str) -> str:
+    """A file name for one line of a terminal: line breaks, other control characters and bytes
+    that are not UTF-8 written as Python escapes ('a\\nb', 'x\\udcff')."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in name)
 
 
 def short_label(label: str) -> str:

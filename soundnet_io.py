@@ -55,6 +55,10 @@ FFMPEG = "ffmpeg"            # the ffmpeg program: a name looked up on PATH, or 
 FFMPEG_INSTALL = ("install it: apt-get install ffmpeg (Debian, Ubuntu), conda install -c "
                   "conda-forge ffmpeg, or brew install ffmpeg (macOS); it must be on PATH")
 _PR_SET_PDEATHSIG = 1        # from linux/prctl.h
+# WAV encodings whose data chunk is frames of block-align bytes each: PCM, IEEE float, A-law,
+# mu-law, and the extensible header (PCM or float inside); and data sizes that mean "unknown".
+_WAV_FRAMED_TAGS = (0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE)
+_WAV_UNKNOWN_SIZES = (0, 0xFFFFFFFF)
 
 
 class AudioError(Exception):
@@ -80,12 +84,45 @@ def open_audio(path, sr: int = SAMPLE_RATE, channel: str = "mean",
     path = Path(path)
     _check_is_file(path)
     try:
-        f = sf.SoundFile(path)
+        # The name's bytes: soundfile encodes a str as UTF-8, which names that are not UTF-8
+        # (surrogate-escaped in Python) fail.
+        f = sf.SoundFile(path if os.name == "nt" else os.fsencode(path))
     except Exception as e:   # libsndfile cannot open it: ffmpeg, as librosa.load would
         info, blocks = _open_with_ffmpeg(path, block_seconds, sndfile_error=e)
         return info, _mono_resampled(blocks, info.sample_rate, sr, channel)
+    declared = _wav_declared_frames(path)
+    if declared is not None and f.frames < declared:   # libsndfile reads what is there
+        f.close()
+        raise AudioError(f"{path}: truncated WAV data: its header declares {declared} frames "
+                         f"({declared / f.samplerate:.3f} s), the file holds {f.frames}")
     info = AudioInfo(f.samplerate, f.channels)
     return info, _guard(path, _stream_blocks(f, sr, channel, block_seconds))
+
+
+def _wav_declared_frames(path: Path):
+    """The frame count a RIFF WAVE file's header declares (data chunk bytes / block align), or
+    None when it declares none: another format, a size left unknown by a streaming writer
+    (0 or 0xFFFFFFFF), or a compressed encoding, where bytes do not give frames."""
+    with open(path, "rb") as f:
+        riff = f.read(12)
+        if riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+            return None
+        block_align = None
+        while len(chunk := f.read(8)) == 8:
+            name, size = struct.unpack("<4sI", chunk)
+            if name == b"data":
+                known = block_align and size not in _WAV_UNKNOWN_SIZES
+                return size // block_align if known else None
+            if name == b"fmt ":
+                fmt = f.read(size + size % 2)
+                if len(fmt) < 14:
+                    return None
+                tag, _, _, _, block_align = struct.unpack("<HHIIH", fmt[:14])
+                if tag not in _WAV_FRAMED_TAGS:
+                    return None
+            else:
+                f.seek(size + size % 2, os.SEEK_CUR)
+    return None
 
 
 def load_audio(path, sr: int = SAMPLE_RATE, channel: str = "mean") -> np.ndarray:
@@ -352,6 +389,11 @@ PARTIAL_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.partial$", re.DOTALL)
 # to it for this long: a --shard process on another machine sharing OUT has a pid this machine
 # cannot see, but its temporary keeps changing while it writes.
 STALE_PARTIAL_SECONDS = 60.0
+CSV_LINE_END = "\n"   # as every other file here; the csv module's default is "\r\n"
+# Spreadsheets run a cell starting with = + - @ (or tab, CR) as a formula: such cells, and those
+# starting with the escape itself, are written with CSV_ESCAPE in front (see csv_cell).
+CSV_ESCAPE = "'"
+CSV_ESCAPED_STARTS = ("=", "+", "-", "@", "\t", "\r", CSV_ESCAPE)
 
 @contextmanager
 def atomic_write(path, mode: str = "wb", **open_kwargs):
@@ -370,6 +412,19 @@ def atomic_write(path, mode: str = "wb", **open_kwargs):
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def csv_cell(value) -> str:
+    """A value as a CSV cell that a spreadsheet shows as text: one starting like a formula
+    (= + - @, tab, carriage return) gets a leading "'", as spreadsheets themselves escape it;
+    so does one starting with "'", so that csv_value(csv_cell(v)) == str(v) for every v."""
+    text = str(value)
+    return CSV_ESCAPE + text if text.startswith(CSV_ESCAPED_STARTS) else text
+
+
+def csv_value(cell: str) -> str:
+    """The value csv_cell wrote: a leading "'" removed."""
+    return cell[1:] if cell.startswith(CSV_ESCAPE) else cell
 
 
 def save_array(path, array: np.ndarray):

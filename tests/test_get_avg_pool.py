@@ -133,7 +133,7 @@ def test_missing_feature_lists_available(raw, tmp_path, capsys):
     assert get_avg_pool.main(["-i", str(root), "-o", str(tmp_path / "o"), "-f", "pool5"]) == 2
     assert "features found in" in (err := capsys.readouterr().err) and "conv7, y_scns" in err
     assert get_avg_pool.main(["-i", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o")]) == 2
-    assert "none" in capsys.readouterr().err
+    assert f"-i {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

