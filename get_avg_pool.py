@@ -349,7 +349,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds: one row per window of this grid instead of one vector per "
                         "file, row i pooling [i*H, i*H + W) of the clip's own duration")
     p.add_argument("--window", type=float, default=None, metavar="W",
-                   help="seconds each row pools, with --hop (default: H)")
+                   help="seconds each row pools, with --hop; H when not given")
     p.add_argument("--combined", action="store_true",
                    help=f"also write {COMBINED_MATRIX} (N, D) and {COMBINED_INDEX} (row,path; "
                         "with --hop one row per window, also naming it and its start)")
