@@ -1,11 +1,11 @@
 """SoundNet-8 (Aytar, Vondrick & Torralba, NIPS 2016) in PyTorch, with its pretrained weights.
 
-    from soundnet import SoundNet, load_audio
+    from soundnet import SoundNet, get_layer, load_audio, pool_windows
     net = SoundNet.from_pretrained()                 # models/sound8.npy, fetched on first use
     wave = load_audio("clip.mp3")                    # (T,) float32 at 22050 Hz
     feats = net.extract(wave, ["pool5", "conv7"])    # name -> (frames, channels) float32
     times = net.timestamps("conv7", len(feats["conv7"]))   # centre of each frame, seconds
-    rows = pool_windows(feats["conv7"], get_layer("conv7"), len(wave) / SAMPLE_RATE, hop=1.0)
+    rows = pool_windows(feats["conv7"], get_layer("conv7"), len(wave) / 22050, hop=1.0)  # 1-s
 
 Units: waveforms are float samples at SAMPLE_RATE in [-1, 1] (values slightly beyond are fine);
 the network itself sees them multiplied by INPUT_SCALE, as the original Torch model was trained.
