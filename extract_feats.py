@@ -17,10 +17,13 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import queue
+import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -31,17 +34,21 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+import soxr
 from tqdm import tqdm
 
-from soundnet_io import (CHANNEL_POLICIES, CSV_LINE_END, METADATA_FILE, MIN_SECONDS, SAMPLE_RATE,
-                         TILING_RULE, AudioError, atomic_write, csv_cell, csv_value, open_audio,
-                         process_alive, remove_stale_partials, save_array, tile_clip,
-                         write_failure)
+from soundnet_io import (CHANNEL_POLICIES, CSV_LINE_END, METADATA_FILE, MIN_SECONDS,
+                         RESAMPLING_RULE, SAMPLE_RATE, TILING_RULE, AudioError, atomic_write,
+                         csv_cell, csv_value, ffmpeg_version, open_audio, process_alive,
+                         remove_stale_partials, save_array, tile_clip, write_failure)
 
 MANIFEST = "manifest.csv"
 PREDICTIONS = "predictions.csv"
+# samples: the decoded count before tiling (exact, where seconds is rounded to ms);
+# container_seconds: the duration ffmpeg reports for a file it decoded (a video's picture).
 MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "frames", "error",
-                   "input"]
+                   "input", "samples", "container_seconds"]
 PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
 HEADS = ("y_obj", "y_scns")   # what --topk ranks
 TABLE_FILES = 20     # --topk prints the top labels of at most this many files
@@ -123,6 +130,7 @@ def parse_args(argv):
         if not value >= least:   # also refuses nan
             p.error(f"{flag} must be >= {least}, not {value:g}")
     args.ext = sorted({e.lower() if e.startswith(".") else "." + e.lower() for e in args.ext})
+    args.argv = list(sys.argv[1:] if argv is None else map(str, argv))   # for soundnet.json
     return args
 
 
@@ -457,11 +465,13 @@ def write_all(f, data: bytes):
         view = view[f.write(view):]
 
 
-def write_metadata(out: Path, args, layers, sha256: str, feature_names) -> list:
+def write_metadata(out: Path, args, layers, sha256: str, feature_names, provenance=None) -> list:
     """OUT/soundnet.json: what a reader needs to interpret the arrays. Arrays made with other
     settings (or found without a soundnet.json) must not stay beside them: the run is refused
     (UsageError naming what differs), or with --force they are removed, with manifest and
-    predictions. Returns the names of the features removed."""
+    predictions. `provenance` (see run_provenance) is added to the list of the distinct runs
+    that wrote into OUT; it is a record for the reader, never compared. Returns the names of
+    the features removed."""
     settings = {"sample_rate": SAMPLE_RATE, "weights_sha256": sha256,
                 "min_seconds": args.min_seconds, "tiling": TILING_RULE, "channel": args.channel}
     path = out / METADATA_FILE
@@ -502,12 +512,50 @@ def write_metadata(out: Path, args, layers, sha256: str, feature_names) -> list:
                 "receptive_field_samples": layer.receptive_field,
                 "first_frame_centre_seconds": layer.first_centre_seconds,
             }
+        runs = meta.get("provenance", []) if meta and not stale else []
+        runs = runs if isinstance(runs, list) else []
+        if provenance and provenance not in runs:
+            runs.append(provenance)
         meta = {**settings, "layout": "<feature>/<input path without extension>.npy: "
                 "float32 (frames, channels); frame n is centred at first_frame_centre_seconds "
-                "+ n * hop_seconds", "features": dict(sorted(features.items()))}
+                "+ n * hop_seconds", "features": dict(sorted(features.items())),
+                "provenance": runs}
         with atomic_write(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(meta, indent=1) + "\n")
     return stale
+
+
+def run_provenance(args, device: str, net, torch) -> dict:
+    """What decides the numbers besides the settings, for a reader who wants to reproduce them:
+    versions of this project and its libraries, where and how the model ran, the command."""
+    dtype = next(net.parameters()).dtype
+    where = f"{device} ({torch.cuda.get_device_name()})" if device == "cuda" else device
+    return {"soundnet_pytorch": project_version(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "soundfile": sf.__version__,
+            "libsndfile": sf.__libsndfile_version__, "soxr": soxr.__version__,
+            "resampling": RESAMPLING_RULE, "ffmpeg": ffmpeg_version(), "device": where,
+            "dtype": str(dtype).removeprefix("torch."),
+            "command": shlex.join(["extract_feats.py", *args.argv])}
+
+
+def project_version() -> str:
+    """'git <commit>' of the checkout this script is in ('..., with uncommitted changes' when
+    tracked files differ from it), else soundnet.__version__."""
+    root = Path(__file__).resolve().parent
+    if (root / ".git").exists():   # its own checkout, not a repository it was copied into
+        try:
+            git = ["git", "-C", str(root)]
+            commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=30)
+            changes = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, timeout=30)
+            if commit.returncode == 0:
+                return (f"git {commit.stdout.strip()}"
+                        + (", with uncommitted changes" if changes.stdout.strip() else ""))
+        except (OSError, subprocess.TimeoutExpired):   # git not installed, or hung
+            pass
+    import soundnet
+    return soundnet.__version__
 
 
 def differences(old: dict, new: dict) -> str:
@@ -556,7 +604,8 @@ def run(args, found: dict, decoders: Decoders) -> int:
         with writing_into(args.output):
             args.output.mkdir(parents=True, exist_ok=True)
             names = {layer.name for layer in soundnet.LAYERS.values()}
-            removed = write_metadata(args.output, args, layers, net.weights_sha256, names)
+            removed = write_metadata(args.output, args, layers, net.weights_sha256, names,
+                                     run_provenance(args, device, net, torch))
             remove_stale_partials(args.output)
             job = Extraction(args, net, layers, device,
                              {key: relative for key, (_, relative) in found.items()})
@@ -728,14 +777,15 @@ class Extraction:
                 save_array(self.out / name / f"{key}.npy", feats[name])
         self._finish({"path": key, "status": "ok", "seconds": f"{n_samples / SAMPLE_RATE:.3f}",
                       "sample_rate": info.sample_rate, "channels": info.channels,
-                      "frames": " ".join(f"{n}:{len(feats[n])}" for n in self.names)}, feats)
+                      "frames": " ".join(f"{n}:{len(feats[n])}" for n in self.names),
+                      **durations(info, n_samples)}, feats)
 
     def fail(self, key, path, error, info=None, n_samples=0):
         message = str(error) if str(error).startswith(str(path)) else f"{path}: {error}"
         row = {"path": key, "status": "failed", "error": message}
         if info is not None:
             row.update(seconds=f"{n_samples / SAMPLE_RATE:.3f}", sample_rate=info.sample_rate,
-                       channels=info.channels)
+                       channels=info.channels, **durations(info, n_samples))
         tqdm.write(f"failed: {message}", file=sys.stderr)
         self.failed_keys.add(key)
         self._finish(row)
@@ -785,6 +835,13 @@ class Extraction:
         return (f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped; "
                 f"{self.audio_seconds / 3600:.2f} h of audio in {self.elapsed():.1f} s "
                 f"({self.audio_seconds / self.elapsed():.0f}x realtime)")
+
+
+def durations(info, n_samples: int) -> dict:
+    """The manifest's exact sample count and, for a file ffmpeg decoded, its container's
+    duration ("" when unknown)."""
+    container = info.container_seconds
+    return {"samples": n_samples, "container_seconds": "" if container is None else f"{container:.3f}"}
 
 
 def predictions_table(path: Path, keys: list, max_files: int = TABLE_FILES) -> str:

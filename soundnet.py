@@ -1,10 +1,11 @@
 """SoundNet-8 (Aytar, Vondrick & Torralba, NIPS 2016) in PyTorch, with its pretrained weights.
 
-    from soundnet import SoundNet, load_audio
+    from soundnet import SoundNet, get_layer, load_audio, pool_windows
     net = SoundNet.from_pretrained()                 # models/sound8.npy, fetched on first use
     wave = load_audio("clip.mp3")                    # (T,) float32 at 22050 Hz
     feats = net.extract(wave, ["pool5", "conv7"])    # name -> (frames, channels) float32
     times = net.timestamps("conv7", len(feats["conv7"]))   # centre of each frame, seconds
+    rows = pool_windows(feats["conv7"], get_layer("conv7"), len(wave) / 22050, hop=1.0)  # 1-s
 
 Units: waveforms are float samples at SAMPLE_RATE in [-1, 1] (values slightly beyond are fine);
 the network itself sees them multiplied by INPUT_SCALE, as the original Torch model was trained.
@@ -13,7 +14,6 @@ Torch layout (batch, channels, frames); `extract` is the fast inference path and
 float32 rounding.
 """
 import hashlib
-import importlib
 import os
 import pickle
 import subprocess
@@ -30,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soundnet_io import (SAMPLE_RATE, AudioError, atomic_write, load_audio,  # noqa: F401
-                         open_audio, tile_clip)
+from soundnet_io import (SAMPLE_RATE, AudioError, FrameGrid, _ArraysOnlyUnpickler,  # noqa: F401
+                         atomic_write, load_audio, open_audio, pool_windows, tile_clip)
 
+__version__ = "1.0"         # soundnet.json records the git commit instead where there is one
 INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
 BN_EPS = 1e-5
 DEFAULT_FEATURES = ("conv7", "y_obj", "y_scns")
@@ -717,22 +718,6 @@ def expected_weight_shapes() -> dict:
         keys = ("biases",) if b.head else ("biases", "gamma", "beta", "mean", "var")
         shapes.update({f"{b.name}.{k}": (b.out_channels,) for k in keys})
     return shapes
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and plain containers; refuses every other callable, so a
-    malicious file cannot run code."""
-    _core = "numpy._core" if hasattr(np, "_core") else "numpy.core"
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: "
-                                         "SoundNet weights hold only numpy arrays")
-        module = module.replace("numpy.core", self._core).replace("numpy._core", self._core)
-        return getattr(importlib.import_module(module), name)
 
 
 def load_weights(path) -> tuple:

@@ -1,18 +1,23 @@
-"""Files in and out, without torch: audio decoding and atomic output writing.
+"""Files in and out, without torch: audio decoding, atomic output writing, pooling frames onto
+a time grid, and reading pickled arrays without running code.
 
 Kept apart from soundnet.py so decode worker processes and get_avg_pool.py need no torch (its
 import takes seconds and about 400 MB per process). `soundnet` re-exports `load_audio`,
-`open_audio` and `AudioError`.
+`open_audio`, `AudioError` and `pool_windows`.
 
     info, blocks = open_audio("clip.mp3")   # info.sample_rate, info.channels of the file
     for block in blocks: ...                # (n,) float32 at 22050 Hz, ~10 s each
     wave = load_audio("clip.mp3")           # the whole file, (T,) float32, = librosa.load
     wave = tile_clip(wave)                  # short clips repeated as extract_feats.py does
     save_array("out/clip.npy", features)    # a plain .npy, written atomically
+    rows = pool_windows(frames, layer, seconds, hop=1.0)   # (ceil(seconds), C): 1-s segments
 """
 import ctypes
 import errno
+import importlib
+import math
 import os
+import pickle
 import re
 import signal
 import struct
@@ -24,9 +29,10 @@ import uuid
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import chain
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import soundfile as sf
@@ -46,12 +52,15 @@ CHANNEL_POLICIES = ("mean", "first")   # "first": the original Torch code's choi
 MIN_SECONDS = 20.0           # the earlier port tiles clips shorter than this (see tile_clip)
 TILING_RULE = ("a clip of n < L = round(min_seconds * 22050) samples is repeated whole "
                "floor(L / n) + 1 times (the earlier port's rule)")
+RESAMPLING_RULE = ("librosa.load(path, sr=22050, mono=True) of librosa >= 0.10: mean of the "
+                   "channels, soxr HQ, then padded or cut to ceil(n * 22050 / rate) samples")
 _SIGNATURES = ((b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"), (b"\xff\xf2", "MP3"),
                (b"RIFF", "WAV"), (b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
 # Containers that only ffmpeg reads (MP4/MOV: "ftyp" at byte 4; AVI: RIFF with "AVI ").
 _CONTAINERS = ((b"\x1aE\xdf\xa3", "Matroska/WebM"), (b"0&\xb2u\x8ef\xcf\x11", "ASF/WMA"),
                (b"FLV", "FLV"))
 FFMPEG = "ffmpeg"            # the ffmpeg program: a name looked up on PATH, or a full path
+PROBE_TIMEOUT = 30.0         # seconds ffprobe may take to report a container's duration
 FFMPEG_INSTALL = ("install it: apt-get install ffmpeg (Debian, Ubuntu), conda install -c "
                   "conda-forge ffmpeg, or brew install ffmpeg (macOS); it must be on PATH")
 _PR_SET_PDEATHSIG = 1        # from linux/prctl.h
@@ -70,6 +79,9 @@ class AudioInfo:
     """What the file holds before downmixing and resampling."""
     sample_rate: int
     channels: int
+    # The container's duration as ffmpeg reports it, for files ffmpeg decodes (None otherwise,
+    # or when the container does not say): a video's picture may last longer than its audio.
+    container_seconds: Optional[float] = None
 
 
 def open_audio(path, sr: int = SAMPLE_RATE, channel: str = "mean",
@@ -243,15 +255,63 @@ def _open_with_ffmpeg(path: Path, block_seconds: float, sndfile_error: Exception
     except OSError as e:
         log.close()
         raise AudioError(f"{path}: {_describe_failure(path, sndfile_error, None)}") from e
+    probe = _start_duration_probe(path)   # runs beside ffmpeg
     try:
         rate, channels = _read_wav_header(process.stdout)
     except ValueError:   # ffmpeg stopped before any audio: it says why
         said = _ffmpeg_said(process, log, path)
         _stop(process, log)
+        _probed_seconds(probe, cancel=True)
         raise AudioError(f"{path}: {_describe_failure(path, sndfile_error, said)}") from None
     blocks = _ffmpeg_blocks(process, log, path, channels, max(1, int(block_seconds * rate)))
     weakref.finalize(blocks, _stop, process, log)   # also when it is dropped before it starts
-    return AudioInfo(rate, channels), blocks
+    return AudioInfo(rate, channels, _probed_seconds(probe)), blocks
+
+
+def _start_duration_probe(path: Path):
+    """An ffprobe process asked for the container's duration (what ffmpeg reports as
+    `Duration:`), or None when ffprobe, installed beside ffmpeg, is missing."""
+    ffmpeg = Path(FFMPEG)
+    ffprobe = str(ffmpeg.with_name(ffmpeg.name.replace("ffmpeg", "ffprobe")))
+    try:
+        return subprocess.Popen(
+            [ffprobe, "-v", "error", "-show_entries", "format=duration",
+             "-of", "default=noprint_wrappers=1:nokey=1", f"file:{path}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent())
+    except OSError:
+        return None
+
+
+def _probed_seconds(probe, cancel: bool = False) -> Optional[float]:
+    """The duration in seconds that `probe` reports; None when it cannot say ("N/A" for a
+    stream without a container duration), fails, or is cancelled."""
+    if probe is None:
+        return None
+    if cancel:
+        probe.kill()
+    try:
+        said, _ = probe.communicate(timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        probe.kill()
+        probe.communicate()
+        return None
+    try:
+        seconds = float(said.strip() or "nan")
+    except ValueError:
+        return None
+    return seconds if probe.returncode == 0 and math.isfinite(seconds) and seconds >= 0 else None
+
+
+def ffmpeg_version() -> Optional[str]:
+    """The version of FFMPEG ("5.1.6-0+deb12u1"), or None when it is not installed."""
+    try:
+        said = subprocess.run([FFMPEG, "-version"], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=PROBE_TIMEOUT).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = said.decode("utf-8", "replace").split()
+    return words[2] if words[:2] == ["ffmpeg", "version"] and len(words) > 2 else None
 
 
 def _read_wav_header(pipe) -> tuple:
@@ -483,3 +543,175 @@ def process_alive(pid: int) -> bool:
     except PermissionError:   # exists, owned by another user
         return True
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames on a time grid
+# ---------------------------------------------------------------------------------------------
+# Each pool mode is a sequence of reductions over frames, concatenated in this order.
+POOLS = {"mean": ("mean",), "max": ("max",), "meanmax": ("mean", "max"), "meanstd": ("mean", "std")}
+# A window and a frame's cell that only touch (float rounding of their shared edge) do not
+# overlap. Far below one sample (45 us), so no real overlap is lost.
+OVERLAP_EPSILON = 1e-9       # seconds
+SHORTEST_WINDOW = 1 / SAMPLE_RATE   # seconds: a window or hop shorter than a sample holds no audio
+POOL_CHUNK_VALUES = 1 << 22  # frame values gathered at once by pool_windows (32 MB in float64)
+
+
+@dataclass(frozen=True)
+class FrameGrid:
+    """Where a feature's frames sit in time: frame n is centred at first_centre_seconds + n *
+    hop_seconds. soundnet.get_layer(name) has the same two attributes, and can be used instead."""
+    hop_seconds: float
+    first_centre_seconds: float
+
+    @classmethod
+    def from_metadata(cls, feature: dict) -> "FrameGrid":
+        """From a feature's entry in soundnet.json; KeyError, TypeError or ValueError when the
+        entry lacks the two numbers."""
+        grid = cls(float(feature["hop_seconds"]), float(feature["first_frame_centre_seconds"]))
+        if not (grid.hop_seconds > 0 and math.isfinite(grid.first_centre_seconds)):
+            raise ValueError(f"not a frame geometry: {grid}")
+        return grid
+
+
+def check_grid(hop, window=None):
+    """ValueError, in words for a user, unless hop and window (seconds; None: = hop) are
+    finite and at least one sample long."""
+    for name, value in (("hop", hop), ("window", hop if window is None else window)):
+        try:
+            positive = math.isfinite(value) and value > 0
+        except TypeError:
+            positive = False
+        if not positive:
+            raise ValueError(f"the {name} must be a positive number of seconds, not {value!r}")
+        if value < SHORTEST_WINDOW:
+            raise ValueError(f"the {name} of {value:g} s is shorter than one sample "
+                             f"(1/{SAMPLE_RATE} s): its windows would hold no audio")
+
+
+def window_count(duration_seconds: float, hop: float) -> int:
+    """ceil(duration / hop), exact for decimal values: a 10.0 s clip with hop 0.04 gives 250
+    windows, where float division (250.00000000000003) could give 251."""
+    duration, step = Fraction(repr(float(duration_seconds))), Fraction(repr(float(hop)))
+    return max(0, math.ceil(duration / step))
+
+
+def window_weights(starts: np.ndarray, ends: np.ndarray, n_frames: int, grid) -> tuple:
+    """The frames that pool each window [starts[i], ends[i]) seconds: (indices, weights), both
+    (k, m), the weights being the seconds by which each frame's cell [t_n - hop/2, t_n + hop/2)
+    overlaps the window (0: not part of it). A window that no cell overlaps gets the frame
+    whose centre is nearest the window's centre, with weight 1."""
+    hop, first = grid.hop_seconds, grid.first_centre_seconds
+    # The frames whose cells can overlap, with a frame of margin each side for rounding.
+    span = math.ceil(float((ends - starts).max(initial=0)) / hop) + 3
+    lowest = np.floor((starts - first) / hop - 0.5).astype(np.int64) - 1
+    candidates = lowest[:, None] + np.arange(span)
+    centres = first + candidates * hop
+    overlap = (np.minimum(ends[:, None], centres + hop / 2)
+               - np.maximum(starts[:, None], centres - hop / 2))
+    weights = np.where((overlap > OVERLAP_EPSILON) & (candidates >= 0) & (candidates < n_frames),
+                       overlap, 0.0)
+    indices = np.clip(candidates, 0, n_frames - 1)
+    empty = ~weights.any(axis=1)
+    nearest = np.rint(((starts[empty] + ends[empty]) / 2 - first) / hop).astype(np.int64)
+    indices[empty, 0], weights[empty, 0] = np.clip(nearest, 0, n_frames - 1), 1.0
+    return indices, weights
+
+
+def pool_windows(frames, layer, duration_seconds: float, hop: float, window: float = None,
+                 pool: str = "mean") -> np.ndarray:
+    """One pooled vector per window of a time grid: (k, C) float32, (k, 2C) for meanmax and
+    meanstd, with k = ceil(duration / hop).
+
+    frames: (T, C) array of one feature. layer: its geometry, soundnet.get_layer(name) or a
+    FrameGrid (from soundnet.json). duration_seconds: the clip's own duration before tiling
+    (the decoded sample count / 22050), hop and window (default: hop) in seconds. Row i pools
+    the window [i * hop, i * hop + window), cut at the duration, so frames of a tiled clip past
+    its own end are no part of it: mean (and std) weight each frame by the overlap of its cell
+    [t_n - hop_n/2, t_n + hop_n/2) with the window; max takes the frames that overlap at all.
+    A window no cell overlaps takes the frame whose centre is nearest its centre.
+    Raises ValueError for a bad hop, window or pool, or values beyond the float32 range."""
+    check_grid(hop, window)
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
+    window = hop if window is None else window
+    frames = np.asarray(frames)
+    if frames.ndim != 2 or 0 in frames.shape:
+        raise ValueError(f"frames must be (frames, channels), both > 0, not {frames.shape}")
+    duration = float(duration_seconds)
+    if not (math.isfinite(duration) and duration > 0):
+        raise ValueError(f"duration must be a positive number of seconds, not {duration_seconds!r}")
+    starts = np.arange(window_count(duration, hop)) * float(hop)
+    ends = np.minimum(starts + window, duration)
+    # Windows in chunks, so the gathered (windows, frames per window, C) block stays small.
+    per_window = (math.ceil(window / layer.hop_seconds) + 3) * frames.shape[1]
+    chunk = max(1, POOL_CHUNK_VALUES // per_window)
+    vectors = np.concatenate([
+        _weighted_pool(frames, *window_weights(starts[i:i + chunk], ends[i:i + chunk],
+                                               len(frames), layer), pool)
+        for i in range(0, len(starts), chunk)])
+    with np.errstate(over="ignore"):
+        pooled = vectors.astype(np.float32)
+    if not np.isfinite(pooled).all():
+        raise ValueError(f"pooled values beyond the float32 range (largest magnitude "
+                         f"{np.abs(vectors).max():.3g})")
+    return pooled
+
+
+def _weighted_pool(frames: np.ndarray, indices: np.ndarray, weights: np.ndarray,
+                   pool: str) -> np.ndarray:
+    """Windows of (T, C) frames given by (k, m) indices and weights -> (k, C) or (k, 2C)
+    float64: weighted mean, weighted population std, max of the frames of weight > 0."""
+    x = frames[indices].astype(np.float64)   # (k, m, C)
+    w = weights / weights.sum(axis=1, keepdims=True)
+    mean = np.einsum("km,kmc->kc", w, x)
+    parts = {"mean": lambda: mean,
+             "max": lambda: np.where(weights[..., None] > 0, x, -np.inf).max(axis=1),
+             "std": lambda: np.sqrt(np.einsum("km,kmc->kc", w, (x - mean[:, None]) ** 2))}
+    return np.concatenate([parts[r]() for r in POOLS[pool]], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickled arrays, read without running code
+# ---------------------------------------------------------------------------------------------
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers; refuses every other callable, so a
+    malicious file cannot run code. sound8.npy and the earlier port's feature files are read
+    with it."""
+    _core = "numpy._core" if hasattr(np, "_core") else "numpy.core"
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy "
+                                         "arrays and plain containers are read")
+        module = module.replace("numpy.core", self._core).replace("numpy._core", self._core)
+        return getattr(importlib.import_module(module), name)
+
+
+def read_npy_header(f) -> tuple:
+    """(shape, fortran_order, dtype) from the header of the .npy open in f, leaving f at the
+    data; ValueError when it is not a .npy file."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version in ((2, 0), (3, 0)):   # 3.0: 2.0 with a UTF-8 header, read the same here
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f".npy format version {version[0]}.{version[1]}")
+
+
+def load_pickled_npy(path):
+    """The object that np.save(path, obj, allow_pickle=True) stored (a dict of arrays, say),
+    unpickled with _ArraysOnlyUnpickler: a payload raises pickle.UnpicklingError naming the
+    callable it asked for, and never runs. ValueError when the file is not such an object."""
+    with open(path, "rb") as f:
+        shape, _, dtype = read_npy_header(f)
+        if dtype != object:
+            raise ValueError(f"a plain {dtype} array, not a pickled object")
+        value = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    if isinstance(value, np.ndarray) and value.dtype == object and value.shape == ():
+        value = value.item()   # np.save(path, a_dict) stores a 0-d object array
+    return value

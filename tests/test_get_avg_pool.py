@@ -177,3 +177,82 @@ def test_cli_subprocess(raw, tmp_path):
     assert "pooled 3 files (0 skipped, 0 failed)" in run.stderr
     assert read_index(out / "index.csv") == sorted(conv7)
     assert load(out / "features.npy").shape == (3, 16)
+
+
+# -- the earlier port's outputs -----------------------------------------------------------------
+
+EARLIER_PORT_CHANNELS = {"conv7": 1024, "y_obj": 1000, "y_scns": 401}
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def earlier_port_folder(root, stems, seed=0):
+    """<stem>.npy as the earlier port saved it, np.save of a dict of (1, C, T, 1) float32
+    arrays, and <stem>.csv, its pooling script's mean vector (';'-separated, one value per
+    line). Returns {stem: dict}."""
+    rng = np.random.default_rng(seed)
+    saved = {}
+    for i, stem in enumerate(stems):
+        frames = 17 + i
+        saved[stem] = {key: rng.standard_normal((1, c, frames if key == "conv7" else 5, 1))
+                       .astype(np.float32) for key, c in EARLIER_PORT_CHANNELS.items()}
+        path = root / f"{stem}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, saved[stem])
+        mean = saved[stem]["conv7"][0, :, :, 0].mean(axis=1)
+        path.with_suffix(".csv").write_text("".join(f"{v};\n" for v in mean))
+    return saved
+
+
+def test_earlier_port_folder_pools_to_its_own_mean(tmp_path, capsys):
+    old = tmp_path / "old"
+    saved = earlier_port_folder(old, ["dog", "sub/cat"])
+    out = tmp_path / "pooled"
+    assert get_avg_pool.main(["-i", str(old), "-o", str(out), "--combined", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "the earlier port's format" in err and "Torch module 22 (conv7.conv" in err
+    for stem, arrays in saved.items():
+        vector = load(out / f"{stem}.npy")
+        its_mean = np.array([float(v.rstrip(";")) for v in
+                             (old / f"{stem}.csv").read_text().split()], np.float32)
+        np.testing.assert_allclose(vector, its_mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(vector, arrays["conv7"][0, :, :, 0].mean(axis=1), rtol=1e-6, atol=1e-7)
+    assert read_index(out / "index.csv") == ["dog", "sub/cat"]
+    settings = json.loads((out / "pooling.json").read_text())
+    assert (settings["feature"], settings["torch_index"]) == ("conv7.conv", 22)
+    # Its heads, by its key or by this project's Torch index; what it did not save is refused.
+    assert get_avg_pool.main(["-i", str(old), "-o", str(tmp_path / "s"), "-f", "26", "--quiet"]) == 0
+    np.testing.assert_allclose(load(tmp_path / "s" / "dog.npy"),
+                               saved["dog"]["y_scns"][0, :, :, 0].mean(axis=1), rtol=1e-6, atol=1e-7)
+    assert get_avg_pool.main(["-i", str(old), "-o", str(tmp_path / "p"), "-f", "pool5"]) == 2
+    assert "the earlier port saved only conv7" in capsys.readouterr().err
+    assert get_avg_pool.main(["-i", str(old), "-o", str(tmp_path / "h"), "--hop", "1"]) == 2
+    assert "record no clip durations" in capsys.readouterr().err
+
+
+def test_earlier_port_payload_is_refused_and_never_runs(tmp_path, capsys):
+    old = tmp_path / "old"
+    saved = earlier_port_folder(old, ["good"])
+    marker = tmp_path / "pwned"
+    evil = old / "evil.npy"
+    np.save(evil, {"conv7": RunsCode(marker)}, allow_pickle=True)
+    np.save(old / "plain.npy", np.ones((3, 4), np.float32))   # not the earlier port's dict
+    out = tmp_path / "pooled"
+    assert get_avg_pool.main(["-i", str(old), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "evil.npy" in line)
+    assert line.startswith(f"{evil}: refused, not unpickled") and "posix.system" in line
+    assert not marker.exists()
+    assert "plain.npy: not a file of the earlier port" in err
+    np.testing.assert_allclose(load(out / "good.npy"),
+                               saved["good"]["conv7"][0, :, :, 0].mean(axis=1), rtol=1e-6, atol=1e-7)
+    assert sorted(p.name for p in out.glob("*.npy")) == ["good.npy"]
+    # The same file does run through a plain unpickler: the test would see a regression.
+    np.load(evil, allow_pickle=True)
+    assert marker.exists()
