@@ -366,9 +366,13 @@ class Decoders:
         n = len(self.workers)
         dead = self.workers[i % n]
         dead.process.join(REAP_SECONDS)   # its pipe is closed: it is exiting, if not gone
-        on = max(i, dead.decoding.value)
-        self.died_on[on] = (f"{self.paths[on]}: the decoder process died on this file "
-                            f"({exit_reason(dead.process.exitcode)})")
+        started, how = dead.decoding.value, exit_reason(dead.process.exitcode)
+        on = max(i, started)
+        # One that died before its first file fails file i all the same, so that a worker
+        # that cannot start is not started again and again.
+        self.died_on[on] = f"{self.paths[on]}: " + (
+            f"the decoder process died on this file ({how})" if started >= 0
+            else f"not decoded: the decoder process died before it ({how})")
         self.workers[i % n] = self._launch(multiprocessing.get_context("spawn"))
         self.workers[i % n].tasks.put(self._files_from(i))
         return on == i
