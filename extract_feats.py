@@ -6,7 +6,8 @@
 Writes, for every input, OUT/<feature>/<path relative to -i without extension>.npy, a
 (frames, channels) float32 array; OUT/soundnet.json says how to read them (hop, receptive field,
 first frame time of each feature) and OUT/manifest.csv has one row per input. Exit status: 0 all
-inputs ok, 1 some failed (all others done), 2 usage or configuration error (nothing done).
+inputs ok, 1 some failed (all others done), 2 usage or configuration error (nothing done), 130 or
+143 stopped by Ctrl-C or SIGTERM (after the files already decoded).
 
 Decoding runs in worker processes, started before torch is imported, while the model runs here.
 """
@@ -628,6 +629,8 @@ def run(args, found: dict, decoders: Decoders) -> int:
     try:
         todo_keys = set(todo)
         for key in inputs:
+            if stop.requested():   # the rows stay as they were
+                break
             if key not in todo_keys:
                 job.skip(key)
         torch.set_num_threads(max(1, CPUS - len(decoders.workers)))
