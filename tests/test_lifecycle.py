@@ -94,6 +94,7 @@ def test_decode_workers_die_with_a_killed_run(tmp_path, sig):
     # has decoded all its files and waits for the main process to take the last ones
     folder, out = clips(tmp_path / "in", 40, 1.0), tmp_path / "out"
     process = start(folder, out, "--workers", 2, "--features", "conv7", "--min-seconds", 0)
+    workers = []
     try:
         workers = wait_for(lambda: len(children(process.pid)) == 2 and children(process.pid),
                            60, "workers")
@@ -105,7 +106,7 @@ def test_decode_workers_die_with_a_killed_run(tmp_path, sig):
             time.sleep(0.05)
         assert not alive(workers), f"workers {alive(workers)} outlived the run"
     finally:
-        for pid in alive(workers if "workers" in locals() else []):
+        for pid in alive(workers):   # left by a failure: not for the next tests
             os.kill(pid, signal.SIGKILL)
         process.kill()
     if sig == signal.SIGTERM:
