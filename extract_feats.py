@@ -6,7 +6,8 @@
 Writes, for every input, OUT/<feature>/<path relative to -i without extension>.npy, a
 (frames, channels) float32 array; OUT/soundnet.json says how to read them (hop, receptive field,
 first frame time of each feature) and OUT/manifest.csv has one row per input. Exit status: 0 all
-inputs ok, 1 some failed (all others done), 2 usage or configuration error (nothing done).
+inputs ok, 1 some failed (all others done), 2 usage or configuration error (nothing done), 130 or
+143 stopped by Ctrl-C or SIGTERM (after the files already decoded).
 
 Decoding runs in worker processes, started before torch is imported, while the model runs here.
 """
@@ -25,13 +26,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
 from collections import Counter
 from contextlib import contextmanager
 from itertools import chain
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -40,7 +44,8 @@ from tqdm import tqdm
 
 from soundnet_io import (CHANNEL_POLICIES, CSV_LINE_END, METADATA_FILE, MIN_SECONDS,
                          RESAMPLING_RULE, SAMPLE_RATE, TILING_RULE, AudioError, atomic_write,
-                         csv_cell, csv_value, ffmpeg_version, open_audio, process_alive,
+                         csv_cell, csv_value, die_with_parent, ffmpeg_version, open_audio,
+                         process_alive,
                          remove_stale_partials, save_array, tile_clip, write_failure)
 
 MANIFEST = "manifest.csv"
@@ -52,7 +57,10 @@ MANIFEST_FIELDS = ["path", "status", "seconds", "sample_rate", "channels", "fram
 PREDICTION_FIELDS = ["path", "head", "rank", "label", "probability"]
 HEADS = ("y_obj", "y_scns")   # what --topk ranks
 TABLE_FILES = 20     # --topk prints the top labels of at most this many files
-QUEUE_BLOCKS = 24    # decoded ~10 s blocks a worker may run ahead of the model
+QUEUE_BLOCKS = 24    # messages (a decoded block: ~10 s) a worker may run ahead of the model
+WAIT_SECONDS = 1.0   # a waiting worker checks this often that the main process lives
+POLL_SECONDS = 0.1   # the main process, waiting for a file, checks this often for a stop
+REAP_SECONDS = 10.0  # a worker whose pipe closed has this long to exit, for its exit code
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64   # files per network call (soundnet.BATCH_SIZE)
 # Short files wait in a window of up to this many batches (and this much tiled audio) so they
 # can be sorted by length: batches then hold files of nearly equal length, little padding.
@@ -71,6 +79,11 @@ class UsageError(Exception):
 
 class OutputFailed(Exception):
     """Writing into OUT failed (full, read-only, ...): the run stops; the message is one line."""
+
+
+class Interrupted(Exception):
+    """A stop was asked for (Ctrl-C, SIGTERM) while a file was read: the run stops after the
+    files it has."""
 
 
 def parse_args(argv):
@@ -225,24 +238,37 @@ def in_shard(key: str, shard) -> bool:
 
 # -- decoding (worker processes: no torch here) ---------------------------------------------------
 
-def decode_worker(tasks, results, channel):
-    """Takes one list of paths from `tasks`, then decodes each in turn into `results`:
-    ("info", AudioInfo), ("block", samples)..., ("end", None); or ("error", message)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
-    parent = os.getppid()
+def decode_worker(tasks, results, channel, parent: int, decoding):
+    """Takes one list of (file index, path) from `tasks`, then decodes each in turn into
+    `results`, its end of a pipe: ("info", AudioInfo), ("block", samples)..., ("end", None); or
+    ("error", message). decoding.value: the index of the file it is on (-1 before the first),
+    for the main process to name if this worker dies. A thread sends the messages, so decoding
+    runs up to QUEUE_BLOCKS messages ahead of the model. It dies with the main process
+    (`parent`): killed with it on Linux, elsewhere by checking each second while it waits."""
+    for signum in (signal.SIGINT, signal.SIGTERM):   # the main process decides when to stop
+        signal.signal(signum, signal.SIG_IGN)        # (Ctrl-C signals the whole group)
+    die_with_parent(parent)
 
-    def waiting(wait):   # while it waits, check each second that the main process is alive
+    def exit_if_orphaned():
+        if os.getppid() != parent:   # the main process is gone (killed): stop too
+            os._exit(1)
+
+    def waiting(wait):
         while True:
             try:
-                return wait(timeout=1.0)
+                return wait(timeout=WAIT_SECONDS)
             except (queue.Full, queue.Empty):
-                if os.getppid() != parent:   # the main process is gone (killed): stop too
-                    os._exit(1)
+                exit_if_orphaned()
+
+    outbox = queue.Queue(QUEUE_BLOCKS)
+    sender = threading.Thread(target=send_all, args=(outbox, results), daemon=True)
+    sender.start()
 
     def put(message):
-        waiting(lambda timeout: results.put(message, timeout=timeout))
+        waiting(lambda timeout: outbox.put(message, timeout=timeout))
 
-    for path in waiting(tasks.get):
+    for index, path in waiting(tasks.get):
+        decoding.value = index
         try:
             info, blocks = open_audio(path, channel=channel)
             put(("info", info))
@@ -253,6 +279,28 @@ def decode_worker(tasks, results, channel):
             put(("error", str(e)))
         except Exception as e:   # keep the worker alive for the next file
             put(("error", f"{path}: {type(e).__name__}: {e}"))
+    put(None)
+    while sender.is_alive():   # the last messages go as the main process reads them
+        sender.join(WAIT_SECONDS)
+        exit_if_orphaned()
+
+
+def send_all(outbox, results):
+    """Sends the messages of `outbox` into the pipe `results` until None, then closes it."""
+    try:
+        while (message := outbox.get()) is not None:
+            results.send(message)
+        results.close()
+    except OSError:   # the main process closed its end: it is gone
+        os._exit(1)
+
+
+class Worker(NamedTuple):
+    """A decode process, as the main process sees it."""
+    process: multiprocessing.Process
+    tasks: multiprocessing.Queue       # takes its one list of (file index, path)
+    results: Connection                # the reading end of its messages' pipe
+    decoding: object                   # a shared int: the index of the file it is on
 
 
 class Decoders:
@@ -263,23 +311,40 @@ class Decoders:
 
     def __init__(self, workers: int, channel: str):
         self.channel, self.paths, self.ahead = channel, [], False
+        self.stopping = lambda: False
+        self.died_on = {}   # {file index: message}: files a worker died on, failed in their turn
+        # messages of the file being read: received, and resent ones still to drop
+        self.received = self.resent = 0
         # fork where the system has it (a forked worker starts at once and shares the parent's
         # pages); spawn elsewhere (Windows), which imports this module afresh: still no torch.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
         self.workers = [self._launch(context) for _ in range(workers)]
 
-    def _launch(self, context):
-        tasks, results = context.Queue(), context.Queue(QUEUE_BLOCKS)
-        process = context.Process(target=decode_worker, args=(tasks, results, self.channel),
-                                  daemon=True)
+    def _launch(self, context) -> Worker:
+        tasks = context.Queue()
+        tasks.cancel_join_thread()   # exit without waiting to hand its list to a dead worker
+        results, its_end = context.Pipe(duplex=False)
+        decoding = context.RawValue("q", -1)
+        process = context.Process(target=decode_worker, daemon=True, args=(
+            tasks, its_end, self.channel, os.getpid(), decoding))
         process.start()
-        return process, tasks, results
+        # The worker now holds the only writing end (later workers are forked without it), so
+        # when it dies, reading ends (EOF) even in the middle of a message.
+        its_end.close()
+        return Worker(process, tasks, results, decoding)
 
-    def start(self, paths: list):
-        self.paths = list(paths)
-        for w, (_, tasks, _) in enumerate(self.workers):
-            tasks.put(self.paths[w::len(self.workers)])
+    def start(self, paths: list, stopping=lambda: False):
+        """stopping(): whether to stop waiting for a file (raising Interrupted)."""
+        self.paths, self.stopping = list(paths), stopping
+        for w, worker in enumerate(self.workers):
+            worker.tasks.put(self._files_from(w))
+
+    def _files_from(self, first: int) -> list:
+        """(index, path) of files first, first + workers, ... (one worker's share), but those a
+        worker died on."""
+        return [(i, self.paths[i]) for i in range(first, len(self.paths), len(self.workers))
+                if i not in self.died_on]
 
     def threads_for_model(self, i: int) -> int:
         """Cores for the model once file i has been received: all of them while the decoders
@@ -293,11 +358,14 @@ class Decoders:
         return sum(1 for w in range(len(self.workers)) if i + 1 + w < len(self.paths))
 
     def file(self, i: int):
-        """File i as (AudioInfo, iterator of blocks); raises AudioError. Run the iterator to
-        its end before asking for the next file."""
+        """File i as (AudioInfo, iterator of blocks); raises AudioError, or Interrupted when
+        stopping() while it waits. Run the iterator to its end before asking for the next file."""
         if not self.workers:
             return open_audio(self.paths[i], channel=self.channel)
-        self.ahead = not self.workers[i % len(self.workers)][2].empty()
+        if i in self.died_on:
+            raise AudioError(self.died_on.pop(i))
+        self.received = self.resent = 0
+        self.ahead = self.workers[i % len(self.workers)].results.poll()
         kind, value = self._get(i)
         if kind == "error":
             raise AudioError(value)
@@ -313,25 +381,57 @@ class Decoders:
         return value, blocks()
 
     def _get(self, i: int):
-        n = len(self.workers)
-        process, _, results = self.workers[i % n]
+        """The next message of file i; ("error", why) when its worker died on it."""
         while True:
+            worker = self.workers[i % len(self.workers)]
             try:
-                return results.get(timeout=1.0)
-            except queue.Empty:
-                if process.is_alive():
-                    continue
-            # The decoder died on this file (a crash in a C library, or killed): report it and
-            # go on with that worker's next files in a new process, spawned rather than forked
-            # now that this process runs torch's threads.
-            self.workers[i % n] = self._launch(multiprocessing.get_context("spawn"))
-            self.workers[i % n][1].put(self.paths[i + n::n])
-            return "error", (f"{self.paths[i]}: the decoder crashed on this file "
-                             f"(exit code {process.exitcode})")
+                while not worker.results.poll(POLL_SECONDS):
+                    if self.stopping():
+                        raise Interrupted
+                message = worker.results.recv()
+            except (EOFError, OSError):   # the worker died (EOF, before or in a message)
+                if self._replace(i):
+                    return "error", self.died_on.pop(i)
+                self.resent = self.received   # file i comes again from its start
+                continue
+            if self.resent:   # received from the dead worker already
+                self.resent -= 1
+                continue
+            self.received += 1
+            return message
+
+    def _replace(self, i: int) -> bool:
+        """The worker of file i died: note the file it was on as failed (a crash in a C
+        library, or killed: the OOM killer), and start another for the rest of its files, from
+        i on (it may have decoded some that it did not send). Spawned rather than forked, now
+        that this process runs torch's threads. Returns whether it died on file i itself."""
+        n = len(self.workers)
+        dead = self.workers[i % n]
+        dead.process.join(REAP_SECONDS)   # its pipe is closed: it is exiting, if not gone
+        started, how = dead.decoding.value, exit_reason(dead.process.exitcode)
+        on = max(i, started)
+        # One that died before its first file fails file i all the same, so that a worker
+        # that cannot start is not started again and again.
+        self.died_on[on] = f"{self.paths[on]}: " + (
+            f"the decoder process died on this file ({how})" if started >= 0
+            else f"not decoded: the decoder process died before it ({how})")
+        self.workers[i % n] = self._launch(multiprocessing.get_context("spawn"))
+        self.workers[i % n].tasks.put(self._files_from(i))
+        return on == i
 
     def close(self):
-        for process, _, _ in self.workers:
-            process.kill()
+        for worker in self.workers:
+            worker.process.kill()
+
+
+def exit_reason(exitcode) -> str:
+    """'killed by SIGKILL' or 'exit status 1', from Process.exitcode."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return f"exit status {exitcode}"
 
 
 # -- output files ---------------------------------------------------------------------------------
@@ -616,18 +716,25 @@ def run(args, found: dict, decoders: Decoders) -> int:
         print(f"removed {', '.join(removed)} from {args.output} (made with other settings)",
               file=sys.stderr)
     todo = [k for k in inputs if args.force or not job.done(k)]
-    decoders.start([inputs[k] for k in todo])
-    todo_keys = set(todo)
-    for key in inputs:
-        if key not in todo_keys:
-            job.skip(key)
-    torch.set_num_threads(max(1, CPUS - len(decoders.workers)))
+    stop = StopRequest()
+    decoders.start([inputs[k] for k in todo], stopping=stop.requested)
     interrupted, stopped = False, None
+    stop.install()
     try:
+        todo_keys = set(todo)
+        for key in inputs:
+            if stop.requested():   # the rows stay as they were
+                break
+            if key not in todo_keys:
+                job.skip(key)
+        torch.set_num_threads(max(1, CPUS - len(decoders.workers)))
         for i, key in enumerate(todo):
+            if stop.requested():
+                break
             info, n_samples = None, 0
             try:
                 info, blocks = decoders.file(i)
+                blocks = stop.checked(blocks)
                 head = []   # read whole when short: tiling and batching need the whole file
                 for block in blocks:
                     head.append(block)
@@ -640,11 +747,13 @@ def run(args, found: dict, decoders: Decoders) -> int:
                     job.add(key, info, head)
             except (AudioError, ValueError) as e:
                 job.fail(key, inputs[key], e, info, n_samples)
+            except Interrupted:   # a stop while this file was read: it is left for a re-run
+                break
             threads = decoders.threads_for_model(i)
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
-        job.flush()
-    except KeyboardInterrupt:
+        job.flush()   # also after a stop: the files already decoded
+    except KeyboardInterrupt:   # a second Ctrl-C or SIGTERM (or Ctrl-C outside the main thread)
         interrupted = True
     except OutputFailed as e:   # full disk: every later file would fail the same way
         stopped = str(e)
@@ -653,6 +762,9 @@ def run(args, found: dict, decoders: Decoders) -> int:
             job.close()
         except OutputFailed as e:   # rows stay appended, uncompacted: still readable
             stopped = stopped or str(e)
+        finally:
+            stop.restore()
+    interrupted = interrupted or stop.requested()
     if stopped:
         c = job.counts
         print(f"error: {stopped}; stopped after {c['ok']} ok, {c['failed']} failed, "
@@ -663,8 +775,47 @@ def run(args, found: dict, decoders: Decoders) -> int:
         print(predictions_table(args.output / PREDICTIONS, list(inputs)), flush=True)
     print(job.summary() + (" (interrupted)" if interrupted else ""), file=sys.stderr)
     if interrupted:
-        return 130
+        return 128 + (stop.signal or signal.SIGINT)   # 130 for Ctrl-C, 143 for SIGTERM
     return 1 if job.counts["failed"] else 0
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM while files are processed, once installed: the first asks
+    the run to stop after the files already decoded (`signal` holds its number), a second
+    stops it at once (KeyboardInterrupt). `restore` puts the earlier handlers back."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():   # only there in Python
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def restore(self):
+        for s, handler in self.previous.items():   # None: a handler not set from Python
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def checked(self, blocks):
+        """The blocks of a file, raising Interrupted before the next once a stop is asked for."""
+        for block in blocks:
+            if self.requested():
+                raise Interrupted
+            yield block
+
+    def _handle(self, signum, frame):
+        if self.requested():
+            raise KeyboardInterrupt
+        self.signal = signum
+        try:   # os.write, not print: this may run in the middle of a print to stderr
+            os.write(2, f"\n{signal.Signals(signum).name}: finishing the files already decoded "
+                        "(Ctrl-C again stops at once)\n".encode())
+        except OSError:
+            pass
 
 
 class Extraction:
@@ -701,11 +852,35 @@ class Extraction:
                         dynamic_ncols=True)
 
     def done(self, key: str) -> bool:
-        """Whether everything this run asks for exists: the arrays, and with --topk the
-        predictions (its rows, or the head arrays to rank)."""
+        """Whether everything this run asks for exists: the arrays, recorded in the manifest
+        (arrays without their row were left by a run killed in between: they are made again),
+        and with --topk the predictions (its rows, or readable head arrays to rank)."""
         arrays = all((self.out / name / f"{key}.npy").exists() for name in self.names)
-        return arrays and (self._ranked(key) or all(
-            (self.out / head / f"{key}.npy").exists() for head in self.heads))
+        return arrays and self._recorded(key) and (self._ranked(key) or all(
+            self._readable_head(key, head) for head in self.heads))
+
+    def _recorded(self, key: str) -> bool:
+        """Whether the manifest has key's row of a run that made its arrays. ("skipped": what
+        earlier versions wrote on a re-run; those with empty frames followed a kill.)"""
+        row = self.previous.get((key,))
+        return row is not None and row["status"] in ("ok", "skipped") and bool(row["frames"])
+
+    def _readable_head(self, key: str, head: str) -> bool:
+        """Whether OUT/<head>/<key>.npy holds logits to rank; says so when it is there but
+        unreadable (the file is then extracted again)."""
+        path = self.out / head / f"{key}.npy"
+        if not path.exists():
+            return False
+        try:   # the header checked against the file's size, without reading the data
+            logits = np.load(path, mmap_mode="r", allow_pickle=False)
+            channels = self.soundnet.get_layer(head).channels
+            if logits.ndim != 2 or not len(logits) or logits.shape[1] != channels:
+                raise ValueError(f"shape {logits.shape}, not (frames >= 1, {channels})")
+        except (ValueError, OSError, EOFError) as e:
+            tqdm.write(f"{path}: unreadable ({e}); extracting {self.sources[key]} again",
+                       file=sys.stderr)
+            return False
+        return True
 
     def _ranked(self, key: str) -> bool:
         """Whether predictions.csv has ranks 1..K of both heads for key."""
@@ -791,16 +966,18 @@ class Extraction:
         self._finish(row)
 
     def skip(self, key):
-        """Outputs already there: the manifest keeps what the earlier run recorded; predictions
-        missing from predictions.csv are ranked from the saved head arrays."""
+        """Outputs already there (see done): the manifest keeps the row of the run that made
+        them, `ok` (this run's skips are counted in the summary); predictions missing from
+        predictions.csv are ranked from the saved head arrays."""
         heads = None
         if self.heads and not self._ranked(key):
             heads = {h: np.load(self.out / h / f"{key}.npy", allow_pickle=False)
                      for h in self.heads}
-        self._finish({**self.previous.get((key,), {"path": key}), "status": "skipped",
-                      "error": ""}, heads)
+        self._finish({**self.previous[(key,)], "status": "ok"}, heads, counted="skipped")
 
-    def _finish(self, row: dict, heads=None):
+    def _finish(self, row: dict, heads=None, counted=None):
+        """counted: what this run did with the file, for the summary (default: its status)."""
+        counted = counted or row["status"]
         row["input"] = self.sources[row["path"]]
         with writing_into(self.out):
             self.manifest.append([row])
@@ -811,8 +988,8 @@ class Extraction:
                     for h in self.heads
                     for rank, (label, p) in enumerate(
                         self.soundnet.top_labels(heads[h], h, self.args.topk), 1))
-        self.counts[row["status"]] += 1
-        if row["status"] != "skipped":
+        self.counts[counted] += 1
+        if counted != "skipped":
             self.audio_seconds += float(row.get("seconds") or 0)
         self.bar.update()
         self.bar.set_postfix_str(f"{self.audio_seconds / self.elapsed():.0f}x realtime",

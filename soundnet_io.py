@@ -389,13 +389,26 @@ def _die_with_parent():
     the file.)"""
     if not sys.platform.startswith("linux"):
         return None
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+    prctl, parent = _prctl(), os.getpid()   # looked up here: no dlopen in a forked child
+    return lambda: _set_death_signal(prctl, parent)
 
-    def set_death_signal():
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:   # the parent died before prctl took effect
-            os._exit(1)
-    return set_death_signal
+
+def die_with_parent(parent: int):
+    """On Linux, have the kernel SIGKILL this process when the thread of process `parent` that
+    started it ends (for its main thread: when `parent` dies, even by SIGKILL); exit at once if
+    `parent` is gone already. Elsewhere nothing: the caller must watch its parent itself."""
+    if sys.platform.startswith("linux"):
+        _set_death_signal(_prctl(), parent)
+
+
+def _prctl():
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _set_death_signal(prctl, parent: int):
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:   # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _check_is_file(path: Path):

