@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -364,6 +365,42 @@ def writing_into(out: Path):
         raise OutputFailed(write_failure(e, out)) from e
 
 
+class Writer:
+    """Runs write jobs in order in one thread, off the model's path: the model computes the
+    next batch while the last one's arrays are written and fsynced. The first job to fail
+    stops the writing (later jobs are dropped: their files are not recorded, so a re-run does
+    them), and its exception is raised in the caller by the next submit and by close."""
+
+    def __init__(self, max_queued: int):
+        self.jobs = queue.Queue(max_queued)   # bounded: the arrays waiting use memory
+        self.error = None
+        self.thread = threading.Thread(target=self._work, name="writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, job, *args):
+        """Queue job(*args); waits while max_queued jobs wait."""
+        if self.error is not None:
+            raise self.error
+        self.jobs.put((job, args))
+
+    def close(self):
+        """Wait until every job submitted has run (or been dropped after a failure)."""
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _work(self):
+        while (item := self.jobs.get()) is not None:
+            job, args = item
+            if self.error is None:   # after a failure, drain without writing
+                try:
+                    job(*args)
+                except Exception as e:
+                    self.error = e
+
+
 class CsvLog:
     """A CSV written as you go (rows appended under the lock, so an interrupted run keeps what
     it did) and compacted at the end of a run: the last row per key, sorted, atomically."""
@@ -606,6 +643,8 @@ class Extraction:
         self.audio_seconds, self.started = 0.0, time.perf_counter()
         self.bar = tqdm(total=len(sources), unit="file", disable=args.quiet or None,
                         dynamic_ncols=True)
+        # a window's files can be handed over while the model runs the next window
+        self.writer = Writer(WINDOW_BATCHES * self.batch_size)
 
     def done(self, key: str) -> bool:
         """Whether everything this run asks for exists: the arrays, and with --topk the
@@ -637,7 +676,8 @@ class Extraction:
     def add(self, key, info, blocks: list):
         """A short file, whole: tiled to --min-seconds, then run in a batch with files of
         similar length (any lengths batch exactly: SoundNet.extract_many)."""
-        wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+        # one block (a clip up to ~10 s, or an MP3 read whole) needs no copy
+        wave = blocks[0] if len(blocks) == 1 else np.concatenate([np.zeros(0, np.float32), *blocks])
         n_samples = len(wave)
         if n_samples == 0:
             raise AudioError("no samples (decodes to 0 samples)")
@@ -662,12 +702,19 @@ class Extraction:
     # -- rows ---------------------------------------------------------------------------------------
 
     def save(self, key, info, n_samples, feats):
+        """Hand a file's arrays and row to the writer thread (feats: {name: (frames, C)})."""
+        row = {"path": key, "status": "ok", "seconds": f"{n_samples / SAMPLE_RATE:.3f}",
+               "sample_rate": info.sample_rate, "channels": info.channels,
+               "frames": " ".join(f"{n}:{len(feats[n])}" for n in self.names)}
+        self.writer.submit(self._write, key, feats, row)
+
+    def _write(self, key, feats, row):
+        """In the writer thread: the arrays (each fsynced and renamed into place), then the
+        row, so a file recorded in the manifest is complete on disk."""
         with writing_into(self.out):
             for name in self.names:
                 save_array(self.out / name / f"{key}.npy", feats[name])
-        self._finish({"path": key, "status": "ok", "seconds": f"{n_samples / SAMPLE_RATE:.3f}",
-                      "sample_rate": info.sample_rate, "channels": info.channels,
-                      "frames": " ".join(f"{n}:{len(feats[n])}" for n in self.names)}, feats)
+        self._record(row, feats)
 
     def fail(self, key, path, error, info=None, n_samples=0):
         message = str(error) if str(error).startswith(str(path)) else f"{path}: {error}"
@@ -690,6 +737,11 @@ class Extraction:
                       "error": ""}, heads)
 
     def _finish(self, row: dict, heads=None):
+        """Record a row (and rank the heads for --topk) after the files handed over before."""
+        self.writer.submit(self._record, row, heads)
+
+    def _record(self, row: dict, heads=None):
+        """In the writer thread: the manifest row, predictions, counts and progress bar."""
         row["input"] = self.sources[row["path"]]
         with writing_into(self.out):
             self.manifest.append([row])
@@ -711,8 +763,12 @@ class Extraction:
         return max(time.perf_counter() - self.started, 1e-9)
 
     def close(self):
-        """Compact the logs; predictions.csv keeps exactly ranks 1..K of the files not failed."""
-        self.bar.close()
+        """Write what is handed over, then compact the logs; predictions.csv keeps exactly
+        ranks 1..K of the files not failed. Raises OutputFailed when a write failed."""
+        try:
+            self.writer.close()
+        finally:
+            self.bar.close()
         with writing_into(self.out):
             self.manifest.compact()
             if self.heads:

@@ -85,6 +85,48 @@ for f in files:
         pass
 print(json.dumps({{"loop_s": time.perf_counter() - started}}))
 """
+# extract_feats.py with the model stubbed out (zero arrays of the right shapes): the same decode
+# workers, tiling, batching and writing, so its wall time is what the decoders (and the writes)
+# allow, the bound of an end-to-end run on a fast GPU. Prints the CPU seconds the main thread
+# (the one that feeds the model) and the whole main process spent per file, from the model
+# loaded to the last file written.
+STUB_SCRIPT = f"""\
+import json, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import numpy as np
+import extract_feats
+
+def zeros(layers, n_samples):
+    layers = [net_module.get_layer(name) for name in layers]
+    return {{l.name: np.zeros((l.n_frames(n_samples), l.channels), np.float32) for l in layers}}
+
+def extract_many(waves, layers, *args, **kwargs):
+    return [zeros(layers, len(w)) for w in waves]
+
+def extract_stream(blocks, layers, *args, **kwargs):
+    return zeros(layers, sum(len(b) for b in blocks))
+
+marks, init, close = {{}}, extract_feats.Extraction.__init__, extract_feats.Extraction.close
+
+def stubbed_init(self, *args, **kwargs):
+    global net_module
+    init(self, *args, **kwargs)
+    net_module = self.soundnet
+    self.net.extract_many, self.net.extract_stream = extract_many, extract_stream
+    marks["start"] = time.thread_time(), time.process_time()
+
+def timed_close(self):
+    close(self)
+    thread, process = time.thread_time(), time.process_time()
+    files = self.counts["ok"] + self.counts["failed"]
+    print(json.dumps({{"files": files,
+                      "main_thread_cpu_s": thread - marks["start"][0],
+                      "process_cpu_s": process - marks["start"][1]}}))
+
+extract_feats.Extraction.__init__, extract_feats.Extraction.close = stubbed_init, timed_close
+if __name__ == "__main__":
+    sys.exit(extract_feats.main())
+"""
 
 
 # -- corpus -------------------------------------------------------------------------------------
