@@ -46,8 +46,10 @@ HEADS = ("y_obj", "y_scns")   # what --topk ranks
 TABLE_FILES = 20     # --topk prints the top labels of at most this many files
 QUEUE_BLOCKS = 24    # decoded ~10 s blocks a worker may run ahead of the model
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64   # files per network call (soundnet.BATCH_SIZE)
-# Short files wait in a window of up to this many batches (and this much tiled audio) so they
-# can be sorted by length: batches then hold files of nearly equal length, little padding.
+# Short files wait in a window of up to this many batches (and this much tiled audio for a
+# batch of CPU_BATCH_SIZE, in proportion for other sizes: every tiled clip is >= 20 s, so 64
+# such clips need 1280 s) so they can be sorted by length: batches then hold files of nearly
+# equal length, little padding. A batch of 64 allows 9600 s (850 MB of float32) in the window.
 WINDOW_BATCHES = 4
 WINDOW_SECONDS = 1200.0
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -630,6 +632,8 @@ class Extraction:
         # padded audio per network call, in proportion to the batch size (memory)
         self.batch_seconds = soundnet.BATCH_SECONDS * self.batch_size / soundnet.BATCH_SIZE
         self.window = []   # [(key, info, n_samples, tiled wave)] waiting for a batch
+        self.window_samples = 0   # of the tiled waves in it
+        self.window_limit = WINDOW_SECONDS * self.batch_size / CPU_BATCH_SIZE * SAMPLE_RATE
         self.manifest = CsvLog(self.out / MANIFEST, MANIFEST_FIELDS, ["path"])
         self.predictions = CsvLog(self.out / PREDICTIONS, PREDICTION_FIELDS,
                                   ["path", "head", "rank"])
@@ -685,13 +689,14 @@ class Extraction:
         if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
             raise ValueError(self.soundnet.too_short_message(self.longest_minimum, len(wave)))
         self.window.append((key, info, n_samples, wave))
+        self.window_samples += len(wave)
         if (len(self.window) >= WINDOW_BATCHES * self.batch_size
-                or sum(len(w) for *_, w in self.window) >= WINDOW_SECONDS * SAMPLE_RATE):
+                or self.window_samples >= self.window_limit):
             self.flush()
 
     def flush(self):
         """Run the files waiting in the window (extract_many sorts them by length)."""
-        window, self.window = self.window, []
+        window, self.window, self.window_samples = self.window, [], 0
         if window:
             feats = self.net.extract_many([wave for *_, wave in window], self.computed,
                                           batch_size=self.batch_size,
