@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -95,8 +96,10 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=CPUS,
                    help=f"decode processes; 0: decode in the main process (default: {CPUS}, "
                         "the number of cores)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                   help="where the model runs; auto: a GPU if torch sees one (default: auto)")
+    p.add_argument("--device", type=device_name, default="auto",
+                   metavar="{auto,cpu,cuda,cuda:N,mps}",
+                   help="where the model runs; cuda:N: the N-th GPU torch sees; auto: a GPU if "
+                        "torch sees one (default: auto)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="files per network call, of any lengths, grouped by length; files "
                         "over 4 minutes stream alone (default: "
@@ -553,8 +556,7 @@ def run(args, found: dict, decoders: Decoders) -> int:
             names = {layer.name for layer in soundnet.LAYERS.values()}
             removed = write_metadata(args.output, args, layers, net.weights_sha256, names)
             remove_stale_partials(args.output)
-            job = Extraction(args, net, layers, device,
-                             {key: relative for key, (_, relative) in found.items()})
+            job = Extraction(args, net, layers, device, found)
     except (UsageError, OutputFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -617,20 +619,22 @@ class Extraction:
     """The outputs of one run: feature arrays, manifest and predictions rows, counts, the
     progress bar; and the batching of short files."""
 
-    def __init__(self, args, net, layers, device: str, sources: dict):
-        """sources: {output key: input path relative to the root}, for the manifest."""
+    def __init__(self, args, net, layers, device: str, found: dict):
+        """found: {output key: (input path, that path relative to the root)}."""
         import soundnet
+        import torch
         self.soundnet, self.args, self.net, self.out = soundnet, args, net, args.output
-        self.sources = sources
+        self.device, self.torch = device, torch
+        self.paths = {key: path for key, (path, _) in found.items()}
+        self.sources = {key: relative for key, (_, relative) in found.items()}   # manifest
         self.names = list(dict.fromkeys(layer.name for layer in layers))
         self.heads = list(HEADS) if args.topk else []
         self.computed = list(dict.fromkeys(self.names + self.heads))
         self.longest_minimum = max(map(soundnet.get_layer, self.computed),
                                    key=lambda layer: layer.min_samples)
         self.stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)  # longer: streamed
-        self.batch_size = args.batch_size or (CPU_BATCH_SIZE if device == "cpu" else GPU_BATCH_SIZE)
-        # padded audio per network call, in proportion to the batch size (memory)
-        self.batch_seconds = soundnet.BATCH_SECONDS * self.batch_size / soundnet.BATCH_SIZE
+        self.use_batch_size(args.batch_size or (CPU_BATCH_SIZE if device == "cpu"
+                                                else GPU_BATCH_SIZE))
         self.window = []   # [(key, info, n_samples, tiled wave)] waiting for a batch
         self.window_samples = 0   # of the tiled waves in it
         self.window_limit = WINDOW_SECONDS * self.batch_size / CPU_BATCH_SIZE * SAMPLE_RATE
@@ -645,10 +649,15 @@ class Extraction:
         self.failed_keys = set()
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.audio_seconds, self.started = 0.0, time.perf_counter()
-        self.bar = tqdm(total=len(sources), unit="file", disable=args.quiet or None,
+        self.bar = tqdm(total=len(found), unit="file", disable=args.quiet or None,
                         dynamic_ncols=True)
         # a window's files can be handed over while the model runs the next window
         self.writer = Writer(WINDOW_BATCHES * self.batch_size)
+
+    def use_batch_size(self, files: int):
+        self.batch_size = files
+        # padded audio per network call, in proportion to the batch size (memory)
+        self.batch_seconds = self.soundnet.BATCH_SECONDS * files / self.soundnet.BATCH_SIZE
 
     def done(self, key: str) -> bool:
         """Whether everything this run asks for exists: the arrays, and with --topk the
@@ -674,8 +683,16 @@ class Extraction:
             for block in blocks:
                 n_samples += len(block)
                 yield block
-        feats = self.net.extract_stream(counted(), self.computed)
-        self.save(key, info, n_samples, feats)
+        try:
+            feats = self.net.extract_stream(counted(), self.computed)
+        except self.torch.cuda.OutOfMemoryError as e:
+            reason = self._out_of_memory(e, "in chunks")
+        else:
+            return self.save(key, info, n_samples, feats)
+        self.torch.cuda.empty_cache()
+        for _ in counted():   # the rest of the file, so the next file's blocks come next
+            pass
+        self.fail(key, self.paths[key], reason, info, n_samples)
 
     def add(self, key, info, blocks: list):
         """A short file, whole: tiled to --min-seconds, then run in a batch with files of
@@ -698,11 +715,40 @@ class Extraction:
         """Run the files waiting in the window (extract_many sorts them by length)."""
         window, self.window, self.window_samples = self.window, [], 0
         if window:
-            feats = self.net.extract_many([wave for *_, wave in window], self.computed,
-                                          batch_size=self.batch_size,
-                                          batch_seconds=self.batch_seconds)
+            feats = self._run_batched([wave for *_, wave in window])
             for (key, info, n_samples, _), f in zip(window, feats):
-                self.save(key, info, n_samples, f)
+                if isinstance(f, str):
+                    self.fail(key, self.paths[key], f, info, n_samples)
+                else:
+                    self.save(key, info, n_samples, f)
+
+    def _run_batched(self, waves: list) -> list:
+        """extract_many of the waves; out of memory, again in batches half as large (kept
+        for the rest of the run), then one at a time. Returns their features, or for a wave
+        that does not fit even alone the reason, a string."""
+        while self.batch_size > 1:
+            try:
+                return self.net.extract_many(waves, self.computed, batch_size=self.batch_size,
+                                             batch_seconds=self.batch_seconds)
+            except self.torch.cuda.OutOfMemoryError:
+                pass
+            self.torch.cuda.empty_cache()   # the error (and the tensors it held) is gone here
+            self.use_batch_size(self.batch_size // 2)
+            tqdm.write(f"out of memory on {self.device}: batches of {self.batch_size} files "
+                       "from now on", file=sys.stderr)
+        results = []
+        for wave in waves:   # one at a time: only those that do not fit alone fail
+            try:
+                results += self.net.extract_many([wave], self.computed, batch_size=1)
+            except self.torch.cuda.OutOfMemoryError as e:
+                results.append(self._out_of_memory(e, "alone"))
+            self.torch.cuda.empty_cache()
+        return results
+
+    def _out_of_memory(self, error, how: str) -> str:
+        """Why a file failed: it does not fit in the device's memory even `how`."""
+        said = (str(error).strip().splitlines() or [""])[0][:200]
+        return f"out of memory on {self.device} even {how}" + (f" ({said})" if said else "")
 
     # -- rows ---------------------------------------------------------------------------------------
 
@@ -822,16 +868,50 @@ def short_label(label: str) -> str:
     return label.split(",")[0].replace("_", " ")
 
 
+def device_name(text: str) -> str:
+    """--device's type: auto, cpu, cuda, cuda:N, mps or mps:0 (checked against the machine by
+    pick_device, once torch is imported)."""
+    if re.fullmatch(r"auto|cpu|(cuda|mps)(:[0-9]+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: give auto, cpu, cuda, cuda:N or mps")
+
+
 def pick_device(name: str, torch) -> str:
+    """The torch device the model runs on; UsageError saying why `name` cannot be used."""
+    mps = getattr(torch.backends, "mps", None)
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps and mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA GPU")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps, but torch sees no Apple GPU")
+        name = "cuda" if torch.cuda.is_available() else \
+            "mps" if mps and mps.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        if torch.version.cuda is None:
+            raise UsageError(f"--device {name}: this torch ({torch.__version__}) is built without "
+                             "CUDA; install a CUDA build (see pytorch.org), or use --device cpu")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            shown = "" if visible is None else f", CUDA_VISIBLE_DEVICES={visible!r}"
+            raise UsageError(f"--device {name}: no GPU visible (torch built with CUDA "
+                             f"{torch.version.cuda}{shown}); check nvidia-smi and the driver, "
+                             "or use --device cpu")
+        if index and int(index) >= count:
+            raise UsageError(f"--device {name}: torch sees {count} GPU"
+                             f"{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
+    elif kind == "mps":
+        if mps is None or not mps.is_built():
+            raise UsageError(f"--device {name}: this torch ({torch.__version__}) is built without "
+                             "MPS (Apple-silicon Macs only); use --device cpu")
+        if not mps.is_available():
+            raise UsageError(f"--device {name}: torch sees no Apple GPU (MPS needs Apple silicon "
+                             "and macOS 12.3 or later); use --device cpu")
+        if index and int(index) > 0:
+            raise UsageError(f"--device {name}: there is one Apple GPU, mps (mps:0)")
+    if kind != "cpu":
+        try:   # the first use starts the device: a driver or GPU fault shows here
+            torch.zeros(1, device=name).cpu()
+        except RuntimeError as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UsageError(f"--device {name}: the GPU failed to start ({reason})") from None
     return name
 
 

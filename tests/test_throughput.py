@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 import extract_feats
 import soundnet
@@ -89,3 +90,133 @@ def test_a_real_full_disk_is_reported_full(tmp_path, small_tmpfs, capsys):
         "00": "ok", "01": "ok", "02": "ok"}
     for path in out.rglob("*.npy"):
         assert np.load(path, allow_pickle=False).shape == (324, 256)
+
+
+# -- 17.3: device choice, in words ----------------------------------------------------------------
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def two_clips(tmp_path_factory):
+    return write_clips(tmp_path_factory.mktemp("clips") / "in", 2, 1.0)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is built with CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_on_a_torch_without_cuda(two_clips, tmp_path, capsys, device):
+    assert extract("-i", two_clips, "-o", tmp_path / "out", "-f", ".wav",
+                   "--device", device) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"error: --device {device}: this torch ({torch.__version__}) is built without CUDA" \
+        in line and "--device cpu" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.backends.mps.is_built(), reason="this torch is built with MPS")
+def test_mps_on_a_torch_without_mps(two_clips, tmp_path, capsys):
+    assert extract("-i", two_clips, "-o", tmp_path / "out", "-f", ".wav", "--device", "mps") == 2
+    assert "--device mps: this torch" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:", "cpu:0"])
+def test_device_names_are_checked(two_clips, tmp_path, capsys, device):
+    with pytest.raises(SystemExit) as stop:
+        extract_feats.parse_args(["-i", str(two_clips), "-o", str(tmp_path), "--device", device])
+    assert stop.value.code == 2
+    assert "give auto, cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+
+
+def test_cuda_build_without_a_visible_gpu(two_clips, tmp_path, capsys, monkeypatch):
+    # simulated: a CUDA build (the version string) on a machine whose GPUs are hidden; what
+    # torch.cuda says about them is this CPU build's real answer (none)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert extract("-i", two_clips, "-o", tmp_path / "out", "-f", ".wav",
+                   "--device", "cuda") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--device cuda: no GPU visible (torch built with CUDA 12.4, " \
+           "CUDA_VISIBLE_DEVICES='')" in line
+
+
+def test_cuda_index_beyond_the_gpus_and_a_gpu_that_fails_to_start(monkeypatch):
+    # simulated: torch reports two GPUs; the device cannot start (as a broken driver)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(extract_feats.UsageError, match=r"--device cuda:2: torch sees 2 GPUs "
+                       r"\(cuda:0 to cuda:1\)"):
+        extract_feats.pick_device("cuda:2", torch)
+
+    def no_driver(*args, **kwargs):
+        raise RuntimeError("CUDA driver initialization failed, you might not have a CUDA gpu.")
+    monkeypatch.setattr(torch, "zeros", no_driver)
+    with pytest.raises(extract_feats.UsageError, match=r"--device cuda:1: the GPU failed to "
+                       r"start \(CUDA driver initialization failed"):
+        extract_feats.pick_device("cuda:1", torch)
+    with pytest.raises(extract_feats.UsageError, match="--device cuda: the GPU failed"):
+        extract_feats.pick_device("auto", torch)
+
+
+# -- 17.3: out of GPU memory ----------------------------------------------------------------------
+
+def test_out_of_memory_retries_smaller_then_alone_then_fails_that_file(tmp_path, monkeypatch,
+                                                                      capsys):
+    """Simulated (no GPU here): a model that runs out of memory above 2 files per batch, and
+    on any batch holding the 40 s file (too large for it even alone)."""
+    folder = write_clips(tmp_path / "in", 6, 2.0)
+    sf.write(folder / "huge.wav", tone(40.0, seed=9), 22050)
+    args = ["-i", folder, "-f", ".wav", "--features", "conv7", "--batch-size", 8]
+    assert extract(*args, "-o", tmp_path / "reference") == 0
+    real, calls = soundnet.SoundNet.extract_many, []
+
+    def extract_many(self, waves, layers, *rest, batch_size, **kwargs):
+        calls.append((len(waves), batch_size))
+        if min(batch_size, len(waves)) > 2 or any(len(w) >= 40 * 22050 for w in waves):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(self, waves, layers, *rest, batch_size=batch_size, **kwargs)
+    monkeypatch.setattr(soundnet.SoundNet, "extract_many", extract_many)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert extract(*args, "-o", out) == 1
+    err = capsys.readouterr().err
+    assert calls == [(7, 8), (7, 4), (7, 2), *[(1, 1)] * 7]   # 4, 2, then alone
+    for size in (4, 2, 1):
+        assert f"out of memory on cpu: batches of {size} files from now on" in err
+    rows = manifest(out)
+    assert rows.pop("huge")["error"] == (f"{folder / 'huge.wav'}: out of memory on cpu even "
+                                         "alone (CUDA out of memory. Tried to allocate 9.00 GiB)")
+    assert {row["status"] for row in rows.values()} == {"ok"} and len(rows) == 6
+    for key in rows:
+        np.testing.assert_array_equal(np.load(out / "conv7" / f"{key}.npy"),
+                                      np.load(tmp_path / "reference" / "conv7" / f"{key}.npy"))
+    assert "6 ok, 1 failed" in err
+
+
+def test_out_of_memory_on_a_streamed_file_fails_it_and_the_next_files_are_right(
+        tmp_path, monkeypatch):
+    """Simulated: the streamed (long) file runs out of memory after its first chunk; the
+    decode worker's remaining blocks of it must not be taken for the next file's."""
+    monkeypatch.setattr(soundnet, "CHUNK_SECONDS", 20.0)
+    folder = write_clips(tmp_path / "in", 3, 2.0)
+    sf.write(folder / "01_long.wav", tone(65.0, seed=7), 22050)   # between 01 and 02
+    args = ["-i", folder, "-f", ".wav", "--features", "conv7", "--workers", 1, "--quiet"]
+    assert extract_feats.main([*map(str, args), "-o", str(tmp_path / "reference")]) == 0
+    def extract_stream(self, blocks, layers, *rest, **kwargs):
+        blocks = iter(blocks)
+        next(blocks)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+    monkeypatch.setattr(soundnet.SoundNet, "extract_stream", extract_stream)
+    out = tmp_path / "out"
+    assert extract_feats.main([*map(str, args), "-o", str(out)]) == 1
+    rows = manifest(out)
+    assert rows["01_long"]["status"] == "failed"
+    assert "out of memory on cpu even in chunks" in rows["01_long"]["error"]
+    assert float(rows["01_long"]["seconds"]) == 65.0
+    for key in ("00", "01", "02"):
+        assert rows[key]["status"] == "ok"
+        np.testing.assert_array_equal(np.load(out / "conv7" / f"{key}.npy"),
+                                      np.load(tmp_path / "reference" / "conv7" / f"{key}.npy"))
