@@ -54,6 +54,7 @@ CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64   # files per network call (soundnet.BATC
 WINDOW_BATCHES = 4
 WINDOW_SECONDS = 1200.0
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+THREAD_INTERVAL_SECONDS = 0.5   # the model's threads are chosen again at most this often
 LOCK_FILE = ".soundnet.lock"
 # Without fcntl (Windows) the lock is a file created exclusively. Holders keep it for
 # milliseconds, so one this old was left by a process that died (on any machine).
@@ -228,7 +229,7 @@ class Decoders:
     it the paths with `start` once the work is known."""
 
     def __init__(self, workers: int, channel: str):
-        self.channel, self.paths, self.ahead = channel, [], False
+        self.channel, self.paths = channel, []
         # fork where the system has it (a forked worker starts at once and shares the parent's
         # pages); spawn elsewhere (Windows), which imports this module afresh: still no torch.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -247,23 +248,11 @@ class Decoders:
         for w, (_, tasks, _) in enumerate(self.workers):
             tasks.put(self.paths[w::len(self.workers)])
 
-    def threads_for_model(self, i: int) -> int:
-        """Cores for the model once file i has been received: all of them while the decoders
-        are ahead (file i was waiting: they block on full queues, as on short clips, where the
-        model does most of the work), else those the decoders leave free (long files, where
-        decoding does)."""
-        return CPUS if self.ahead else max(1, CPUS - self.busy(i))
-
-    def busy(self, i: int) -> int:
-        """How many workers still decode once file i has been received."""
-        return sum(1 for w in range(len(self.workers)) if i + 1 + w < len(self.paths))
-
     def file(self, i: int):
         """File i as (AudioInfo, iterator of blocks); raises AudioError. Run the iterator to
         its end before asking for the next file."""
         if not self.workers:
             return open_audio(self.paths[i], channel=self.channel)
-        self.ahead = not self.workers[i % len(self.workers)][2].empty()
         kind, value = self._get(i)
         if kind == "error":
             raise AudioError(value)
@@ -298,6 +287,46 @@ class Decoders:
     def close(self):
         for process, _, _ in self.workers:
             process.kill()
+
+
+class ModelThreads:
+    """Gives the model as many threads as this job's cores (its CPU affinity) had free over
+    the last interval: idle ones plus those this process kept busy. Decoders that are ahead
+    wait on full queues and leave their cores idle, so the model takes them; decoders at work,
+    or other jobs on a shared node, keep theirs (threads beyond the free cores contend with
+    them, and OpenMP threads that spin-wait for each other then collapse). Where the system
+    has no /proc/stat the model keeps the cores the decoders leave."""
+
+    def __init__(self, torch, threads: int):
+        self.torch, self.cpus = torch, sorted(os.sched_getaffinity(0)) if hasattr(
+            os, "sched_getaffinity") else None
+        torch.set_num_threads(threads)
+        self.last = self._sample()
+
+    def update(self):
+        """Choose again if THREAD_INTERVAL_SECONDS have passed since the last choice."""
+        now = self._sample()
+        if now is None or now[0] - self.last[0] < THREAD_INTERVAL_SECONDS:
+            return
+        (wall, idle, ours), (wall0, idle0, ours0) = now, self.last
+        free = ((idle - idle0) / os.sysconf("SC_CLK_TCK") + ours - ours0) / (wall - wall0)
+        threads = min(max(1, round(free)), CPUS)
+        if threads != self.torch.get_num_threads():
+            self.torch.set_num_threads(threads)
+        self.last = now
+
+    def _sample(self):
+        """(seconds, idle ticks of this job's cores, CPU seconds of this process), or None
+        without /proc/stat."""
+        try:
+            with open("/proc/stat", "rb") as f:
+                lines = f.read().split(b"\n")
+        except OSError:
+            return None
+        wanted = {b"cpu%d" % c for c in self.cpus or ()}
+        idle = sum(int(fields[4]) + int(fields[5]) for fields in map(bytes.split, lines)
+                   if fields and fields[0] in wanted)   # idle + iowait
+        return time.perf_counter(), idle, time.process_time()
 
 
 # -- output files ---------------------------------------------------------------------------------
@@ -569,7 +598,7 @@ def run(args, found: dict, decoders: Decoders) -> int:
     for key in inputs:
         if key not in todo_keys:
             job.skip(key)
-    torch.set_num_threads(max(1, CPUS - len(decoders.workers)))
+    threads = ModelThreads(torch, max(1, CPUS - len(decoders.workers)))
     interrupted, stopped = False, None
     try:
         for i, key in enumerate(todo):
@@ -588,9 +617,7 @@ def run(args, found: dict, decoders: Decoders) -> int:
                     job.add(key, info, head)
             except (AudioError, ValueError) as e:
                 job.fail(key, inputs[key], e, info, n_samples)
-            threads = decoders.threads_for_model(i)
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+            threads.update()
         job.flush()
     except KeyboardInterrupt:
         interrupted = True

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -220,3 +221,23 @@ def test_out_of_memory_on_a_streamed_file_fails_it_and_the_next_files_are_right(
         assert rows[key]["status"] == "ok"
         np.testing.assert_array_equal(np.load(out / "conv7" / f"{key}.npy"),
                                       np.load(tmp_path / "reference" / "conv7" / f"{key}.npy"))
+
+
+# -- 17.10: model threads from the free cores -----------------------------------------------------
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_model_leaves_the_cores_other_processes_keep_busy():
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        threads = extract_feats.ModelThreads(torch, cores)
+        assert torch.get_num_threads() == cores
+        time.sleep(extract_feats.THREAD_INTERVAL_SECONDS + 0.2)   # every core busy, not ours
+        threads.update()
+        assert torch.get_num_threads() == 1
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+        torch.set_num_threads(before)
