@@ -53,7 +53,8 @@ CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64   # files per network call (soundnet.BATC
 # equal length, little padding. A batch of 64 allows 9600 s (850 MB of float32) in the window.
 WINDOW_BATCHES = 4
 WINDOW_SECONDS = 1200.0
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+CAN_PIN = hasattr(os, "sched_getaffinity")   # Linux: the cores this job was given
+CPUS = len(os.sched_getaffinity(0)) if CAN_PIN else os.cpu_count()
 THREAD_INTERVAL_SECONDS = 0.5   # the model's threads are chosen again at most this often
 LOCK_FILE = ".soundnet.lock"
 # Without fcntl (Windows) the lock is a file created exclusively. Holders keep it for
@@ -298,8 +299,8 @@ class ModelThreads:
     has no /proc/stat the model keeps the cores the decoders leave."""
 
     def __init__(self, torch, threads: int):
-        self.torch, self.cpus = torch, sorted(os.sched_getaffinity(0)) if hasattr(
-            os, "sched_getaffinity") else None
+        self.torch = torch
+        self.cpus = {b"cpu%d" % c for c in os.sched_getaffinity(0)} if CAN_PIN else set()
         torch.set_num_threads(threads)
         self.last = self._sample()
 
@@ -323,9 +324,8 @@ class ModelThreads:
                 lines = f.read().split(b"\n")
         except OSError:
             return None
-        wanted = {b"cpu%d" % c for c in self.cpus or ()}
         idle = sum(int(fields[4]) + int(fields[5]) for fields in map(bytes.split, lines)
-                   if fields and fields[0] in wanted)   # idle + iowait
+                   if fields and fields[0] in self.cpus)   # idle + iowait
         return time.perf_counter(), idle, time.process_time()
 
 
@@ -725,7 +725,8 @@ class Extraction:
         """A short file, whole: tiled to --min-seconds, then run in a batch with files of
         similar length (any lengths batch exactly: SoundNet.extract_many)."""
         # one block (a clip up to ~10 s, or an MP3 read whole) needs no copy
-        wave = blocks[0] if len(blocks) == 1 else np.concatenate([np.zeros(0, np.float32), *blocks])
+        wave = blocks[0] if len(blocks) == 1 else np.concatenate([np.zeros(0, np.float32),
+                                                                  *blocks])
         n_samples = len(wave)
         if n_samples == 0:
             raise AudioError("no samples (decodes to 0 samples)")
