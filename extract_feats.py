@@ -306,9 +306,9 @@ class ModelThreads:
 
     def update(self):
         """Choose again if THREAD_INTERVAL_SECONDS have passed since the last choice."""
-        now = self._sample()
-        if now is None or now[0] - self.last[0] < THREAD_INTERVAL_SECONDS:
+        if self.last is None or time.perf_counter() - self.last[0] < THREAD_INTERVAL_SECONDS:
             return
+        now = self._sample()
         (wall, idle, ours), (wall0, idle0, ours0) = now, self.last
         free = ((idle - idle0) / os.sysconf("SC_CLK_TCK") + ours - ours0) / (wall - wall0)
         threads = min(max(1, round(free)), CPUS)
