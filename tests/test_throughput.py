@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -54,6 +55,31 @@ def test_a_window_of_64_tiled_clips_forms(tmp_path, monkeypatch):
                    "--batch-size", 64) == 0
     assert calls == [(64, 64)]   # one window, one full batch (the window held 58 at 1200 s)
     assert len(manifest(tmp_path / "out")) == 64
+
+
+# -- 17.7: writing is off the model's path -------------------------------------------------------
+
+def test_the_model_runs_the_next_window_while_the_last_one_is_written(tmp_path, monkeypatch):
+    folder = write_clips(tmp_path / "in", 16, 1.0)   # two windows of 4 batches of 2
+    next_window, calls = threading.Event(), []
+
+    def extract_many(self, waves, layers, *args, **kwargs):
+        if calls:
+            next_window.set()
+        calls.append(len(waves))
+        return zero_features(waves, layers)
+    real_save, waited = extract_feats.save_array, []
+
+    def save_array(path, array):
+        waited.append(next_window.wait(timeout=10))   # the first window's files wait for it
+        real_save(path, array)
+    monkeypatch.setattr(soundnet.SoundNet, "extract_many", extract_many)
+    monkeypatch.setattr(extract_feats, "save_array", save_array)
+    out = tmp_path / "out"
+    assert extract("-i", folder, "-o", out, "-f", ".wav", "--features", "conv7",
+                   "--batch-size", 2) == 0
+    assert calls == [8, 8] and waited[0] and all(waited)
+    assert {row["status"] for row in manifest(out).values()} == {"ok"} and len(manifest(out)) == 16
 
 
 # -- 19.2: a real full disk -----------------------------------------------------------------------
