@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import platform
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -62,11 +63,15 @@ WAIT_SECONDS = 1.0   # a waiting worker checks this often that the main process 
 POLL_SECONDS = 0.1   # the main process, waiting for a file, checks this often for a stop
 REAP_SECONDS = 10.0  # a worker whose pipe closed has this long to exit, for its exit code
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64   # files per network call (soundnet.BATCH_SIZE)
-# Short files wait in a window of up to this many batches (and this much tiled audio) so they
-# can be sorted by length: batches then hold files of nearly equal length, little padding.
+# Short files wait in a window of up to this many batches (and this much tiled audio for a
+# batch of CPU_BATCH_SIZE, in proportion for other sizes: every tiled clip is >= 20 s, so 64
+# such clips need 1280 s) so they can be sorted by length: batches then hold files of nearly
+# equal length, little padding. A batch of 64 allows 9600 s (850 MB of float32) in the window.
 WINDOW_BATCHES = 4
 WINDOW_SECONDS = 1200.0
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+CAN_PIN = hasattr(os, "sched_getaffinity")   # Linux: the cores this job was given
+CPUS = len(os.sched_getaffinity(0)) if CAN_PIN else os.cpu_count()
+THREAD_INTERVAL_SECONDS = 0.5   # the model's threads are chosen again at most this often
 LOCK_FILE = ".soundnet.lock"
 # Without fcntl (Windows) the lock is a file created exclusively. Holders keep it for
 # milliseconds, so one this old was left by a process that died (on any machine).
@@ -115,8 +120,10 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=CPUS,
                    help=f"decode processes; 0: decode in the main process (default: {CPUS}, "
                         "the number of cores)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                   help="where the model runs; auto: a GPU if torch sees one (default: auto)")
+    p.add_argument("--device", type=device_name, default="auto",
+                   metavar="{auto,cpu,cuda,cuda:N,mps}",
+                   help="where the model runs; cuda:N: the N-th GPU torch sees; auto: a GPU if "
+                        "torch sees one (default: auto)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="files per network call, of any lengths, grouped by length; files "
                         "over 4 minutes stream alone (default: "
@@ -310,7 +317,7 @@ class Decoders:
     it the paths with `start` once the work is known."""
 
     def __init__(self, workers: int, channel: str):
-        self.channel, self.paths, self.ahead = channel, [], False
+        self.channel, self.paths = channel, []
         self.stopping = lambda: False
         self.died_on = {}   # {file index: message}: files a worker died on, failed in their turn
         # messages of the file being read: received, and resent ones still to drop
@@ -346,17 +353,6 @@ class Decoders:
         return [(i, self.paths[i]) for i in range(first, len(self.paths), len(self.workers))
                 if i not in self.died_on]
 
-    def threads_for_model(self, i: int) -> int:
-        """Cores for the model once file i has been received: all of them while the decoders
-        are ahead (file i was waiting: they block on full queues, as on short clips, where the
-        model does most of the work), else those the decoders leave free (long files, where
-        decoding does)."""
-        return CPUS if self.ahead else max(1, CPUS - self.busy(i))
-
-    def busy(self, i: int) -> int:
-        """How many workers still decode once file i has been received."""
-        return sum(1 for w in range(len(self.workers)) if i + 1 + w < len(self.paths))
-
     def file(self, i: int):
         """File i as (AudioInfo, iterator of blocks); raises AudioError, or Interrupted when
         stopping() while it waits. Run the iterator to its end before asking for the next file."""
@@ -365,7 +361,6 @@ class Decoders:
         if i in self.died_on:
             raise AudioError(self.died_on.pop(i))
         self.received = self.resent = 0
-        self.ahead = self.workers[i % len(self.workers)].results.poll()
         kind, value = self._get(i)
         if kind == "error":
             raise AudioError(value)
@@ -432,6 +427,45 @@ def exit_reason(exitcode) -> str:
         except ValueError:
             pass
     return f"exit status {exitcode}"
+
+
+class ModelThreads:
+    """Gives the model as many threads as this job's cores (its CPU affinity) had free over
+    the last interval: idle ones plus those this process kept busy. Decoders that are ahead
+    wait on full queues and leave their cores idle, so the model takes them; decoders at work,
+    or other jobs on a shared node, keep theirs (threads beyond the free cores contend with
+    them, and OpenMP threads that spin-wait for each other then collapse). Where the system
+    has no /proc/stat the model keeps the cores the decoders leave."""
+
+    def __init__(self, torch, threads: int):
+        self.torch = torch
+        self.cpus = {b"cpu%d" % c for c in os.sched_getaffinity(0)} if CAN_PIN else set()
+        torch.set_num_threads(threads)
+        self.last = self._sample()
+
+    def update(self):
+        """Choose again if THREAD_INTERVAL_SECONDS have passed since the last choice."""
+        if self.last is None or time.perf_counter() - self.last[0] < THREAD_INTERVAL_SECONDS:
+            return
+        now = self._sample()
+        (wall, idle, ours), (wall0, idle0, ours0) = now, self.last
+        free = ((idle - idle0) / os.sysconf("SC_CLK_TCK") + ours - ours0) / (wall - wall0)
+        threads = min(max(1, round(free)), CPUS)
+        if threads != self.torch.get_num_threads():
+            self.torch.set_num_threads(threads)
+        self.last = now
+
+    def _sample(self):
+        """(seconds, idle ticks of this job's cores, CPU seconds of this process), or None
+        without /proc/stat."""
+        try:
+            with open("/proc/stat", "rb") as f:
+                lines = f.read().split(b"\n")
+        except OSError:
+            return None
+        idle = sum(int(fields[4]) + int(fields[5]) for fields in map(bytes.split, lines)
+                   if fields and fields[0] in self.cpus)   # idle + iowait
+        return time.perf_counter(), idle, time.process_time()
 
 
 # -- output files ---------------------------------------------------------------------------------
@@ -502,6 +536,42 @@ def writing_into(out: Path):
         yield
     except OSError as e:
         raise OutputFailed(write_failure(e, out)) from e
+
+
+class Writer:
+    """Runs write jobs in order in one thread, off the model's path: the model computes the
+    next batch while the last one's arrays are written and fsynced. The first job to fail
+    stops the writing (later jobs are dropped: their files are not recorded, so a re-run does
+    them), and its exception is raised in the caller by the next submit and by close."""
+
+    def __init__(self, max_queued: int):
+        self.jobs = queue.Queue(max_queued)   # bounded: the arrays waiting use memory
+        self.error = None
+        self.thread = threading.Thread(target=self._work, name="writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, job, *args):
+        """Queue job(*args); waits while max_queued jobs wait."""
+        if self.error is not None:
+            raise self.error
+        self.jobs.put((job, args))
+
+    def close(self):
+        """Wait until every job submitted has run (or been dropped after a failure)."""
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _work(self):
+        while (item := self.jobs.get()) is not None:
+            job, args = item
+            if self.error is None:   # after a failure, drain without writing
+                try:
+                    job(*args)
+                except Exception as e:
+                    self.error = e
 
 
 class CsvLog:
@@ -707,8 +777,7 @@ def run(args, found: dict, decoders: Decoders) -> int:
             removed = write_metadata(args.output, args, layers, net.weights_sha256, names,
                                      run_provenance(args, device, net, torch))
             remove_stale_partials(args.output)
-            job = Extraction(args, net, layers, device,
-                             {key: relative for key, (_, relative) in found.items()})
+            job = Extraction(args, net, layers, device, found)
     except (UsageError, OutputFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -727,7 +796,7 @@ def run(args, found: dict, decoders: Decoders) -> int:
                 break
             if key not in todo_keys:
                 job.skip(key)
-        torch.set_num_threads(max(1, CPUS - len(decoders.workers)))
+        threads = ModelThreads(torch, max(1, CPUS - len(decoders.workers)))
         for i, key in enumerate(todo):
             if stop.requested():
                 break
@@ -749,9 +818,7 @@ def run(args, found: dict, decoders: Decoders) -> int:
                 job.fail(key, inputs[key], e, info, n_samples)
             except Interrupted:   # a stop while this file was read: it is left for a re-run
                 break
-            threads = decoders.threads_for_model(i)
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+            threads.update()
         job.flush()   # also after a stop: the files already decoded
     except KeyboardInterrupt:   # a second Ctrl-C or SIGTERM (or Ctrl-C outside the main thread)
         interrupted = True
@@ -822,21 +889,25 @@ class Extraction:
     """The outputs of one run: feature arrays, manifest and predictions rows, counts, the
     progress bar; and the batching of short files."""
 
-    def __init__(self, args, net, layers, device: str, sources: dict):
-        """sources: {output key: input path relative to the root}, for the manifest."""
+    def __init__(self, args, net, layers, device: str, found: dict):
+        """found: {output key: (input path, that path relative to the root)}."""
         import soundnet
+        import torch
         self.soundnet, self.args, self.net, self.out = soundnet, args, net, args.output
-        self.sources = sources
+        self.device, self.torch = device, torch
+        self.paths = {key: path for key, (path, _) in found.items()}
+        self.sources = {key: relative for key, (_, relative) in found.items()}   # manifest
         self.names = list(dict.fromkeys(layer.name for layer in layers))
         self.heads = list(HEADS) if args.topk else []
         self.computed = list(dict.fromkeys(self.names + self.heads))
         self.longest_minimum = max(map(soundnet.get_layer, self.computed),
                                    key=lambda layer: layer.min_samples)
         self.stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)  # longer: streamed
-        self.batch_size = args.batch_size or (CPU_BATCH_SIZE if device == "cpu" else GPU_BATCH_SIZE)
-        # padded audio per network call, in proportion to the batch size (memory)
-        self.batch_seconds = soundnet.BATCH_SECONDS * self.batch_size / soundnet.BATCH_SIZE
+        self.use_batch_size(args.batch_size or (CPU_BATCH_SIZE if device == "cpu"
+                                                else GPU_BATCH_SIZE))
         self.window = []   # [(key, info, n_samples, tiled wave)] waiting for a batch
+        self.window_samples = 0   # of the tiled waves in it
+        self.window_limit = WINDOW_SECONDS * self.batch_size / CPU_BATCH_SIZE * SAMPLE_RATE
         self.manifest = CsvLog(self.out / MANIFEST, MANIFEST_FIELDS, ["path"])
         self.predictions = CsvLog(self.out / PREDICTIONS, PREDICTION_FIELDS,
                                   ["path", "head", "rank"])
@@ -848,8 +919,15 @@ class Extraction:
         self.failed_keys = set()
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.audio_seconds, self.started = 0.0, time.perf_counter()
-        self.bar = tqdm(total=len(sources), unit="file", disable=args.quiet or None,
+        self.bar = tqdm(total=len(found), unit="file", disable=args.quiet or None,
                         dynamic_ncols=True)
+        # a window's files can be handed over while the model runs the next window
+        self.writer = Writer(WINDOW_BATCHES * self.batch_size)
+
+    def use_batch_size(self, files: int):
+        self.batch_size = files
+        # padded audio per network call, in proportion to the batch size (memory)
+        self.batch_seconds = self.soundnet.BATCH_SECONDS * files / self.soundnet.BATCH_SIZE
 
     def done(self, key: str) -> bool:
         """Whether everything this run asks for exists: the arrays, recorded in the manifest
@@ -899,13 +977,23 @@ class Extraction:
             for block in blocks:
                 n_samples += len(block)
                 yield block
-        feats = self.net.extract_stream(counted(), self.computed)
-        self.save(key, info, n_samples, feats)
+        try:
+            feats = self.net.extract_stream(counted(), self.computed)
+        except self.torch.cuda.OutOfMemoryError as e:
+            reason = self._out_of_memory(e, "in chunks")
+        else:
+            return self.save(key, info, n_samples, feats)
+        self.torch.cuda.empty_cache()
+        for _ in counted():   # the rest of the file, so the next file's blocks come next
+            pass
+        self.fail(key, self.paths[key], reason, info, n_samples)
 
     def add(self, key, info, blocks: list):
         """A short file, whole: tiled to --min-seconds, then run in a batch with files of
         similar length (any lengths batch exactly: SoundNet.extract_many)."""
-        wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+        # one block (a clip up to ~10 s, or an MP3 read whole) needs no copy
+        wave = blocks[0] if len(blocks) == 1 else np.concatenate([np.zeros(0, np.float32),
+                                                                  *blocks])
         n_samples = len(wave)
         if n_samples == 0:
             raise AudioError("no samples (decodes to 0 samples)")
@@ -913,8 +1001,9 @@ class Extraction:
         if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
             raise ValueError(self.too_short(len(wave)))
         self.window.append((key, info, n_samples, wave))
+        self.window_samples += len(wave)
         if (len(self.window) >= WINDOW_BATCHES * self.batch_size
-                or sum(len(w) for *_, w in self.window) >= WINDOW_SECONDS * SAMPLE_RATE):
+                or self.window_samples >= self.window_limit):
             self.flush()
 
     def too_short(self, n_samples: int) -> str:
@@ -936,24 +1025,60 @@ class Extraction:
 
     def flush(self):
         """Run the files waiting in the window (extract_many sorts them by length)."""
-        window, self.window = self.window, []
+        window, self.window, self.window_samples = self.window, [], 0
         if window:
-            feats = self.net.extract_many([wave for *_, wave in window], self.computed,
-                                          batch_size=self.batch_size,
-                                          batch_seconds=self.batch_seconds)
+            feats = self._run_batched([wave for *_, wave in window])
             for (key, info, n_samples, _), f in zip(window, feats):
-                self.save(key, info, n_samples, f)
+                if isinstance(f, str):
+                    self.fail(key, self.paths[key], f, info, n_samples)
+                else:
+                    self.save(key, info, n_samples, f)
+
+    def _run_batched(self, waves: list) -> list:
+        """extract_many of the waves; out of memory, again in batches half as large (kept
+        for the rest of the run), then one at a time. Returns their features, or for a wave
+        that does not fit even alone the reason, a string."""
+        while self.batch_size > 1:
+            try:
+                return self.net.extract_many(waves, self.computed, batch_size=self.batch_size,
+                                             batch_seconds=self.batch_seconds)
+            except self.torch.cuda.OutOfMemoryError:
+                pass
+            self.torch.cuda.empty_cache()   # the error (and the tensors it held) is gone here
+            self.use_batch_size(self.batch_size // 2)
+            tqdm.write(f"out of memory on {self.device}: batches of {self.batch_size} files "
+                       "from now on", file=sys.stderr)
+        results = []
+        for wave in waves:   # one at a time: only those that do not fit alone fail
+            try:
+                results += self.net.extract_many([wave], self.computed, batch_size=1)
+            except self.torch.cuda.OutOfMemoryError as e:
+                results.append(self._out_of_memory(e, "alone"))
+            self.torch.cuda.empty_cache()
+        return results
+
+    def _out_of_memory(self, error, how: str) -> str:
+        """Why a file failed: it does not fit in the device's memory even `how`."""
+        said = (str(error).strip().splitlines() or [""])[0][:200]
+        return f"out of memory on {self.device} even {how}" + (f" ({said})" if said else "")
 
     # -- rows ---------------------------------------------------------------------------------------
 
     def save(self, key, info, n_samples, feats):
+        """Hand a file's arrays and row to the writer thread (feats: {name: (frames, C)})."""
+        row = {"path": key, "status": "ok", "seconds": f"{n_samples / SAMPLE_RATE:.3f}",
+               "sample_rate": info.sample_rate, "channels": info.channels,
+               "frames": " ".join(f"{n}:{len(feats[n])}" for n in self.names),
+               **durations(info, n_samples)}
+        self.writer.submit(self._write, key, feats, row)
+
+    def _write(self, key, feats, row):
+        """In the writer thread: the arrays (each fsynced and renamed into place), then the
+        row, so a file recorded in the manifest is complete on disk."""
         with writing_into(self.out):
             for name in self.names:
                 save_array(self.out / name / f"{key}.npy", feats[name])
-        self._finish({"path": key, "status": "ok", "seconds": f"{n_samples / SAMPLE_RATE:.3f}",
-                      "sample_rate": info.sample_rate, "channels": info.channels,
-                      "frames": " ".join(f"{n}:{len(feats[n])}" for n in self.names),
-                      **durations(info, n_samples)}, feats)
+        self._record(row, feats)
 
     def fail(self, key, path, error, info=None, n_samples=0):
         message = str(error) if str(error).startswith(str(path)) else f"{path}: {error}"
@@ -976,7 +1101,12 @@ class Extraction:
         self._finish({**self.previous[(key,)], "status": "ok"}, heads, counted="skipped")
 
     def _finish(self, row: dict, heads=None, counted=None):
-        """counted: what this run did with the file, for the summary (default: its status)."""
+        """Record a row (and rank the heads for --topk) after the files handed over before.
+        counted: what this run did with the file, for the summary (default: its status)."""
+        self.writer.submit(self._record, row, heads, counted)
+
+    def _record(self, row: dict, heads=None, counted=None):
+        """In the writer thread: the manifest row, predictions, counts and progress bar."""
         counted = counted or row["status"]
         row["input"] = self.sources[row["path"]]
         with writing_into(self.out):
@@ -999,8 +1129,12 @@ class Extraction:
         return max(time.perf_counter() - self.started, 1e-9)
 
     def close(self):
-        """Compact the logs; predictions.csv keeps exactly ranks 1..K of the files not failed."""
-        self.bar.close()
+        """Write what is handed over, then compact the logs; predictions.csv keeps exactly
+        ranks 1..K of the files not failed. Raises OutputFailed when a write failed."""
+        try:
+            self.writer.close()
+        finally:
+            self.bar.close()
         with writing_into(self.out):
             self.manifest.compact()
             if self.heads:
@@ -1064,16 +1198,50 @@ def short_label(label: str) -> str:
     return label.split(",")[0].replace("_", " ")
 
 
+def device_name(text: str) -> str:
+    """--device's type: auto, cpu, cuda, cuda:N, mps or mps:0 (checked against the machine by
+    pick_device, once torch is imported)."""
+    if re.fullmatch(r"auto|cpu|(cuda|mps)(:[0-9]+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: give auto, cpu, cuda, cuda:N or mps")
+
+
 def pick_device(name: str, torch) -> str:
+    """The torch device the model runs on; UsageError saying why `name` cannot be used."""
+    mps = getattr(torch.backends, "mps", None)
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps and mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA GPU")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps, but torch sees no Apple GPU")
+        name = "cuda" if torch.cuda.is_available() else \
+            "mps" if mps and mps.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        if torch.version.cuda is None:
+            raise UsageError(f"--device {name}: this torch ({torch.__version__}) is built without "
+                             "CUDA; install a CUDA build (see pytorch.org), or use --device cpu")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            shown = "" if visible is None else f", CUDA_VISIBLE_DEVICES={visible!r}"
+            raise UsageError(f"--device {name}: no GPU visible (torch built with CUDA "
+                             f"{torch.version.cuda}{shown}); check nvidia-smi and the driver, "
+                             "or use --device cpu")
+        if index and int(index) >= count:
+            raise UsageError(f"--device {name}: torch sees {count} GPU"
+                             f"{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
+    elif kind == "mps":
+        if mps is None or not mps.is_built():
+            raise UsageError(f"--device {name}: this torch ({torch.__version__}) is built without "
+                             "MPS (Apple-silicon Macs only); use --device cpu")
+        if not mps.is_available():
+            raise UsageError(f"--device {name}: torch sees no Apple GPU (MPS needs Apple silicon "
+                             "and macOS 12.3 or later); use --device cpu")
+        if index and int(index) > 0:
+            raise UsageError(f"--device {name}: there is one Apple GPU, mps (mps:0)")
+    if kind != "cpu":
+        try:   # the first use starts the device: a driver or GPU fault shows here
+            torch.zeros(1, device=name).cpu()
+        except RuntimeError as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UsageError(f"--device {name}: the GPU failed to start ({reason})") from None
     return name
 
 

@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -501,12 +502,21 @@ def csv_value(cell: str) -> str:
 
 
 def save_array(path, array: np.ndarray):
-    """Write a plain .npy (readable with allow_pickle=False), atomically."""
-    array = np.ascontiguousarray(array)
+    """Write a plain .npy (readable with allow_pickle=False), atomically. A device too full
+    for it raises OSError with errno ENOSPC."""
+    path, array = Path(path), np.ascontiguousarray(array)
     if array.dtype == object:
         raise ValueError(f"{path}: refusing to write an object array (it would need pickle)")
     with atomic_write(path) as f:
-        np.save(f, array, allow_pickle=False)
+        try:
+            np.save(f, array, allow_pickle=False)
+        except OSError as e:
+            # numpy's tofile reports a short write ("66560 requested and 8160 written") without
+            # an errno, as a full device causes it: ask the device, before the partial file is
+            # removed and its space freed.
+            if e.errno is None and shutil.disk_usage(path.parent).free < array.nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+            raise
 
 
 def write_failure(error: OSError, folder) -> str:

@@ -10,7 +10,9 @@ untimed warm-up of A and B, each repeat runs A B C D in turn; medians are printe
 run's value, so the noise shows.
   A  extract_feats.py -i CORPUS --quiet --force as a subprocess (wall time of the whole process,
      interpreter start and imports included; the extractor's own timer, which starts after
-     the model is loaded, is shown too);
+     the model is loaded, is shown too); beside it the decoders' own bound: the same run with
+     the model stubbed out (STUB_SCRIPT: same worker processes, tiling, batching and writes),
+     with the CPU the main process spends per file, model excluded;
   B  librosa.load(f, sr=22050) over the same files in ONE subprocess, timed the same way (whole
      process); the ratio A / B compares these two. The load loop alone (librosa's ~2 s of
      lazy imports done before it) is shown too, with the ratio against it;
@@ -21,7 +23,7 @@ run's value, so the noise shows.
      the sum is reported, next to librosa.load of the same file in one process.
   E  folders of short clips, as datasets hold them: 10 s clips a few ms apart in length (44.1 kHz
      stereo MP3, as cut from videos) and 5.000 s clips (44.1 kHz mono WAV, as ESC-50): A at the
-     default batch size and with --batch-size 1, and B, on each.
+     default batch size and with --batch-size 1, the model stubbed (as in A), and B, on each.
   F  videos (needs ffmpeg; generated too): extract_feats.py on a 1-hour M4A (AAC) and on a
      folder of 10 s MP4 clips (a 160x120 test pattern and AAC), peak RSS of the tree and wall;
      next to librosa.load of the same files (audioread: ffmpeg) and our decoding alone
@@ -84,6 +86,48 @@ for f in files:
     for block in open_audio(f)[1]:   # streamed: blocks are dropped as they come
         pass
 print(json.dumps({{"loop_s": time.perf_counter() - started}}))
+"""
+# extract_feats.py with the model stubbed out (zero arrays of the right shapes): the same decode
+# workers, tiling, batching and writing, so its wall time is what the decoders (and the writes)
+# allow, the bound of an end-to-end run on a fast GPU. Prints the CPU seconds the main thread
+# (the one that feeds the model) and the whole main process spent per file, from the model
+# loaded to the last file written.
+STUB_SCRIPT = f"""\
+import json, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import numpy as np
+import extract_feats
+
+def zeros(layers, n_samples):
+    layers = [net_module.get_layer(name) for name in layers]
+    return {{l.name: np.zeros((l.n_frames(n_samples), l.channels), np.float32) for l in layers}}
+
+def extract_many(waves, layers, *args, **kwargs):
+    return [zeros(layers, len(w)) for w in waves]
+
+def extract_stream(blocks, layers, *args, **kwargs):
+    return zeros(layers, sum(len(b) for b in blocks))
+
+marks, init, close = {{}}, extract_feats.Extraction.__init__, extract_feats.Extraction.close
+
+def stubbed_init(self, *args, **kwargs):
+    global net_module
+    init(self, *args, **kwargs)
+    net_module = self.soundnet
+    self.net.extract_many, self.net.extract_stream = extract_many, extract_stream
+    marks["start"] = time.thread_time(), time.process_time()
+
+def timed_close(self):
+    close(self)
+    thread, process = time.thread_time(), time.process_time()
+    files = self.counts["ok"] + self.counts["failed"]
+    print(json.dumps({{"files": files,
+                      "main_thread_cpu_s": thread - marks["start"][0],
+                      "process_cpu_s": process - marks["start"][1]}}))
+
+extract_feats.Extraction.__init__, extract_feats.Extraction.close = stubbed_init, timed_close
+if __name__ == "__main__":
+    sys.exit(extract_feats.main())
 """
 
 
@@ -234,6 +278,17 @@ def extractor_cmd(folder, out, exts, device, *extra):
             "--quiet", "--force", "--device", device, *extra]
 
 
+def stub_run(folder, out, exts, device, add, prefix):
+    """A with the model stubbed out: the decoders' bound, and the main process's CPU per file."""
+    run = run_timed([sys.executable, "-c", STUB_SCRIPT,
+                     *extractor_cmd(folder, out, exts, device)[2:]])
+    cpu = json.loads(run["stdout"].splitlines()[-1])
+    add(f"{prefix} stub", run["wall"])
+    add(f"{prefix} stub thread ms", 1e3 * cpu["main_thread_cpu_s"] / cpu["files"])
+    add(f"{prefix} stub process ms", 1e3 * cpu["process_cpu_s"] / cpu["files"])
+    shutil.rmtree(out)
+
+
 def run_timed(cmd, stdin=None) -> dict:
     """Wall and CPU (user + sys of the whole tree) seconds of a subprocess, and its output."""
     before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
@@ -351,6 +406,8 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list,
 
     def row(name, key, seconds=None, unit="s", note=""):
         def fmt(v):
+            if unit == "ms":
+                return f"{v:.2f}"
             return f"{v:.0f}" if unit != "s" else f"{v:.3f}" if v < 1 else f"{v:.2f}"
 
         if key in res:
@@ -363,11 +420,24 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list,
             rows.append((name, f"{med[key] / med[base]:.2f}", "",
                          " ".join(f"{a / b:.2f}" for a, b in zip(res[key], res[base])), note))
 
+    def bound(prefix, seconds, e2e):
+        """The decoders' own bound (model stubbed) and end-to-end against it, per device."""
+        row(f"  decoders alone: the same run, model stubbed (--device {devices[-1]})",
+            f"{prefix} stub", seconds)
+        row("    main thread CPU per file, model excluded", f"{prefix} stub thread ms",
+            unit="ms", note="target <= 1 ms per 10 s clip")
+        row("    main process CPU per file (with the writer thread)",
+            f"{prefix} stub process ms", unit="ms")
+        for dev in devices:
+            ratio(f"  ratio end-to-end --device {dev} / decoders alone", e2e.format(dev),
+                  f"{prefix} stub", "GPU target <= 1.1" if dev == "cuda" else "")
+
     corpus = f"{audio_s / 3600:.2f} h, {n_files} files"
     for dev in devices:
         row(f"end-to-end extract_feats.py --device {dev} ({corpus})", f"e2e {dev}", audio_s)
         row("  its CPU time, user + sys, all processes", f"e2e {dev} cputime")
         row("  its own timer (from model loaded to done)", f"e2e {dev} inner", audio_s)
+    bound("corpus", audio_s, "e2e {}")
     row("decode only, librosa.load sr=22050, 1 process", "decode", audio_s)
     row("  its CPU time, user + sys", "decode cputime")
     row("  the librosa.load loop alone", "decode loop", audio_s)
@@ -382,6 +452,7 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list,
             row(f"{what}, extract_feats.py --device {dev}", f"{name} e2e {dev}", sum(lengths))
         row(f"{what}, extract_feats.py --batch-size 1 (cpu)", f"{name} e2e batch1",
             sum(lengths))
+        bound(name, sum(lengths), f"{name} e2e {{}}")
         row(f"{what}, decode only (librosa.load)", f"{name} decode", sum(lengths))
         ratio(f"{name}: ratio end-to-end / decode-only", f"{name} e2e cpu", f"{name} decode",
               "target <= 1.3, aim 1.2" if "10s" in name else "")
@@ -507,6 +578,7 @@ def main(argv=None):
                                                   "cpu" if dev == "batch1" else dev, *extra))
                     add(f"{name} e2e {dev}", run["wall"])
                     shutil.rmtree(out)
+                stub_run(folder, Path(tmp) / f"{name}{r}stub", clip_exts, devices[-1], add, name)
                 add(f"{name} decode", run_timed(decode_cmd, "\n".join(map(str, clip_files)))["wall"])
             for dev, net in nets.items() if args.only != "videos" else []:               # C
                 model_runs(net, dev, lengths, add)
@@ -519,6 +591,8 @@ def main(argv=None):
                 if inner:
                     add(f"e2e {dev} inner", float(inner.group(1)))
                 shutil.rmtree(out)
+            if whole:
+                stub_run(corpus, Path(tmp) / f"stub{r}", exts, devices[-1], add, "corpus")
             if whole:
                 run = run_timed(decode_cmd, file_list)                                   # B
                 add("decode", run["wall"])

@@ -432,7 +432,7 @@ def test_help_states_each_default_once(tool, n_defaults, capsys):
     # one wording in both tools, each default stated once
     assert text.count("default") == text.count("(default: ") == n_defaults
     if tool is extract_feats:
-        assert "--device {auto,cpu,cuda,mps} where the model runs" in text
+        assert "--device {auto,cpu,cuda,cuda:N,mps} where the model runs" in text
         assert "(default: models/sound8.npy, fetched when missing" in text
 
 
