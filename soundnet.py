@@ -15,6 +15,7 @@ float32 rounding.
 import hashlib
 import importlib
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -304,23 +305,22 @@ def _ieee_float32():
     "high" allows TF32 matrix products, "medium" bfloat16 ones, on oneDNN CPUs too); they are
     restored on exit. Both torch's older flags and its per-backend fp32_precision settings
     (torch >= 2.9) are set, so that neither disagrees with the other while inside."""
-    legacy = []   # (setter, value before)
-    with warnings.catch_warnings():   # torch may deprecate the older flags
-        warnings.simplefilter("ignore")
-        for get, set_, ieee in LEGACY_PRECISION_FLAGS:
-            try:
-                before = get()
-            except RuntimeError:   # torch >= 2.9 after a mix of old and new settings: the
-                continue           # new ones decide, and are set below
-            set_(ieee)
-            legacy.append((set_, before))
     settings = [op for op in (getattr(torch.backends.cuda, "matmul", None),
                               getattr(torch.backends.cudnn, "conv", None),
                               getattr(torch.backends.cudnn, "rnn", None),
                               getattr(torch.backends.mkldnn, "matmul", None),
                               getattr(torch.backends.mkldnn, "conv", None))
                 if op is not None and hasattr(op, "fp32_precision")]
-    before = [op.fp32_precision for op in settings]
+    before = [op.fp32_precision for op in settings]   # first: the older setters change them
+    legacy = []   # (setter, value before)
+    with warnings.catch_warnings():   # torch may deprecate the older flags
+        warnings.simplefilter("ignore")
+        for get, set_, ieee in LEGACY_PRECISION_FLAGS:
+            try:
+                legacy.append((set_, get()))
+            except RuntimeError:   # torch >= 2.9 after a mix of old and new settings: the
+                continue           # new ones decide, and are set below
+            set_(ieee)
     for op in settings:
         op.fp32_precision = "ieee"
     try:
@@ -448,6 +448,8 @@ class SoundNet(nn.Module):
             x = self._input_batch([waves[i] for i in group], longest)
             feats = self._extract(x, {layer.index: layer.name for layer in wanted},
                                   [lengths[i] for i in group])
+            if not any(isinstance(waves[i], torch.Tensor) for i in group):   # one copy each
+                feats = {name: f.cpu() for name, f in feats.items()}
             for row, i in enumerate(group):
                 results[i] = _like(waves[i], {
                     layer.name: feats[layer.name][row, :layer.n_frames(lengths[i])]
@@ -703,7 +705,7 @@ def _check_lengths(layers, n_samples: int) -> dict:
 class _BlockWeights:
     """One block's weights for `extract` as matrices over rows of time-major input frames
     (float32, on the network's device; see _gemm_weights)."""
-    weight: torch.Tensor        # (span * C_in, pool * C_out): conv and batch norm, all pool positions
+    weight: torch.Tensor        # (span * C_in, pool * C_out): conv and batch norm, every pool step
     bias: torch.Tensor          # (C_out,)
     bn_weight: torch.Tensor     # (kernel * C_in, C_out): conv and batch norm, one frame
     conv_weight: torch.Tensor   # (kernel * C_in, C_out): the convolution alone
@@ -744,7 +746,7 @@ def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d,
     taps = matrix[:k, :, 0].reshape(k * c_in, c_out)              # pool position 0: one frame
     conv_taps = weight.transpose(2, 1, 0).reshape(k * c_in, c_out)
     centre = np.broadcast_to(silence, (c_in,)).astype(np.float32)   # exactly what is subtracted
-    silence_out = np.maximum(bias + folded.sum(2) @ centre, 0)     # constant input: max-pool keeps it
+    silence_out = np.maximum(bias + folded.sum(2) @ centre, 0)   # a max-pool keeps a constant
     row = np.tile(centre.astype(np.float64), k)                    # one GEMM row of silence
     bias, conv_bias = bias + row @ taps, host(conv.bias) + row @ conv_taps
 
@@ -958,27 +960,43 @@ CATEGORY_FILES = {"y_obj": MODELS_DIR / "categories_imagenet.txt",
                   "y_scns": MODELS_DIR / "categories_places2.txt"}
 
 
-def load_categories(head: str) -> list:
+def load_categories(head: str, raw: bool = False) -> list:
     """Class names of y_obj (1000 ImageNet objects) or y_scns (401 Places2 scenes), in output
-    order, e.g. "tench, Tinca tinca" or "/a/abbey"."""
+    order, in the readable form of readable_label: "tench", "stadium/football" (two ImageNet
+    pairs share a name: "crane", the bird and the machine, and "maillot"). raw=True: the
+    category files' lines, with the datasets' own ids: "n01440764 tench, Tinca tinca" (WordNet id
+    and synonyms), "/s/stadium/football" (Places2 category)."""
     if head not in CATEGORY_FILES:
         raise ValueError(f"unknown head {head!r}: class names exist for "
                          f"{' and '.join(CATEGORY_FILES)} only")
     lines = CATEGORY_FILES[head].read_text(encoding="utf-8").splitlines()
-    if head == "y_obj":   # "n01440764 tench, Tinca tinca": drop the WordNet id
-        lines = [line.split(" ", 1)[1] for line in lines]
-    return lines
+    return lines if raw else [readable_label(line) for line in lines]
 
 
-def top_labels(logits, head: str, k: int = 5) -> list:
+def readable_label(label: str) -> str:
+    """A class name as top_labels, predictions.csv and the CLI's table give it: the first
+    synonym, without dataset ids, spaces for underscores. "n01440764 tench, Tinca tinca" or
+    "tench, Tinca tinca" -> "tench"; "/s/stadium/football" -> "stadium/football";
+    "/a/apartment_building/outdoor" -> "apartment building/outdoor". A readable label is
+    left as it is."""
+    label = re.sub(r"^n\d{8} ", "", label)           # WordNet id
+    label = re.sub(r"^/[a-z]/", "", label)            # Places2's first-letter folder
+    return label.split(",")[0].strip().replace("_", " ")
+
+
+def top_labels(logits, head: str, k: int = 5, raw: bool = False) -> list:
     """logits: (frames, C) y_obj or y_scns of one clip ((C,) is one frame), or (B, frames, C)
-    of a batch. Softmax per frame, averaged over frames (as the original predictions script
-    did). Returns the k most likely [(class name, probability)], or a list of those per clip
-    for a batch. C must be the head's class count."""
-    names = load_categories(head)
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    of a batch; numpy or a tensor on any device. Softmax per frame, averaged over frames (as the
+    original predictions script did), in float64 on the host. Returns the k most likely
+    [(class name, probability)], or a list of those per clip for a batch. C must be the head's
+    class count. Names as load_categories(head, raw) gives them."""
+    names = load_categories(head, raw)
+    if isinstance(logits, torch.Tensor):   # a GPU tensor, or one that requires grad, or bfloat16
+        logits = logits.detach().cpu()
+        logits = logits.numpy() if logits.dtype == torch.float64 else logits.float().numpy()
+    logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim == 3:
-        return [top_labels(clip, head, k) for clip in logits]
+        return [top_labels(clip, head, k, raw) for clip in logits]
     logits = logits.reshape(1, -1) if logits.ndim == 1 else logits
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise ValueError(f"expected logits (frames, C) or (B, frames, C), got shape "
@@ -988,6 +1006,7 @@ def top_labels(logits, head: str, k: int = 5) -> list:
         raise ValueError(f"{head} has {len(names)} classes but the logits have "
                          f"{logits.shape[1]} channels" + (f" (those of {other[0]}?)" if other
                                                           else ""))
-    probs = torch.softmax(logits, dim=-1).mean(0)
-    top = torch.topk(probs, min(k, len(probs)))
-    return [(names[i], float(p)) for p, i in zip(top.values, top.indices)]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = (probs / probs.sum(axis=1, keepdims=True)).mean(axis=0)
+    top = np.argsort(-probs, kind="stable")[:max(k, 0)]
+    return [(names[i], float(probs[i])) for i in top]
