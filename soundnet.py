@@ -295,7 +295,7 @@ def _peak(wave) -> float:
         return 0.0
     if isinstance(wave, torch.Tensor):
         return float(wave.detach().abs().max())
-    return float(np.max(np.abs(wave)))
+    return float(max(np.max(wave), -np.min(wave)))   # NaN if any; no |wave| copy
 
 
 @contextmanager
