@@ -442,12 +442,14 @@ class SoundNet(nn.Module):
         results = [None] * len(waves)
         chunk = chunk_seconds * SAMPLE_RATE
         group = []
+        weights = self._fused_weights({layer.index: layer.name for layer in wanted}) if waves \
+            else None
 
         def run(group):
             longest = lengths[group[-1]]
             x = self._input_batch([waves[i] for i in group], longest)
             feats = self._extract(x, {layer.index: layer.name for layer in wanted},
-                                  [lengths[i] for i in group])
+                                  [lengths[i] for i in group], weights)
             if not any(isinstance(waves[i], torch.Tensor) for i in group):   # one copy each
                 feats = {name: f.cpu() for name, f in feats.items()}
             for row, i in enumerate(group):
@@ -486,11 +488,13 @@ class SoundNet(nn.Module):
         pieces = {layer.name: [] for layer in wanted}
         done = {layer.name: 0 for layer in wanted}       # frames emitted so far
         start, total = 0, 0                # start: sample index of the first pending sample
+        weights = self._fused_weights({layer.index: layer.name for layer in wanted})
 
         def run(x: torch.Tensor, final: bool):
             todo = [layer for layer in wanted
                     if not final or done[layer.name] < layer.n_frames(total)]
-            feats = self._extract(x, {layer.index: layer.name for layer in todo}) if todo else {}
+            feats = (self._extract(x, {layer.index: layer.name for layer in todo}, None, weights)
+                     if todo else {})
             for layer in todo:
                 frames = feats[layer.name]
                 first = done[layer.name] - start // layer.hop   # in this chunk's frames
@@ -574,14 +578,15 @@ class SoundNet(nn.Module):
             return x.pin_memory().to(self._device, non_blocking=True)
         return x.to(self._device)
 
-    def _extract(self, x: torch.Tensor, wanted: dict, lengths=None) -> dict:
+    def _extract(self, x: torch.Tensor, wanted: dict, lengths=None, weights=None) -> dict:
         """x: (B, T) scaled input; wanted: {Torch index: name}; lengths: samples of each row
         when rows are zero-padded to T (frames past a row's own count are zeroed after each
-        block, so every row equals its run alone). Runs each conv block as a tiled GEMM with
+        block, so every row equals its run alone); weights: _fused_weights of wanted or more,
+        checked once per call of the public methods. Runs each conv block as a tiled GEMM with
         batch norm folded in (time-major), except blocks whose inner layers are wanted, which
         run step by step (_block_by_module). All in float32 (MPS has no float64).
         Returns {name: (B, frames, C)}."""
-        weights = self._fused_weights(wanted)
+        weights = weights or self._fused_weights(wanted)
         host = x.device.type in HOST_DEVICES
         tile_bytes = TILE_BYTES if host else DEVICE_TILE_BYTES
         last = max(wanted)
@@ -589,27 +594,36 @@ class SoundNet(nn.Module):
         # Time-major (B, T, C) throughout, each block's input already zero-padded for it.
         x = F.pad(x, (BLOCKS[0].padding, BLOCKS[0].padding)).unsqueeze(-1)
         counts = None if lengths is None or host else self._frame_counts(lengths)
+        centred = False   # x already minus its silence value (_gemm_weights)
         for i, (b, w) in enumerate(zip(BLOCKS, weights)):
             pad = BLOCKS[i + 1].padding if i + 1 < len(BLOCKS) else 0   # for the next block
-            if w.silence is not None:   # centred on its input on silence (_gemm_weights)
+            if w.silence is not None and not centred:
                 x = x - w.silence
             steps = {j - index: wanted[j] for j in range(index + 1, index + b.n_modules)
                      if j in wanted}
+            index += b.n_modules
+            # The next block's centring, done on each tile while in cache, unless this
+            # block's output is wanted as it is.
+            shift = (weights[i + 1].silence if i + 1 < len(weights) and not steps
+                     and index not in wanted else None)
             if steps:
-                inner, x = _block_by_module(x, w, b, pad, tile_bytes, steps, last - index)
+                inner, x = _block_by_module(x, w, b, pad, tile_bytes, steps,
+                                            last - index + b.n_modules)
                 out.update(inner)
             else:
-                x = _conv_block(x, w.weight, w.bias, b, pad, tile_bytes)
-            index += b.n_modules
+                x = _conv_block(x, w.weight, w.bias, b, pad, tile_bytes, shift=shift)
+            centred = shift is not None
             if x is None:   # the deepest wanted layer was inside the block
                 return out
             if lengths is not None:   # what lies past a row's own frames: zero padding
+                zero = -shift if centred else 0
                 if counts is None:
                     for row, n in enumerate(lengths):
-                        x[row, pad + LAYERS[index].n_frames(n):] = 0
+                        x[row, pad + LAYERS[index].n_frames(n):] = zero
                 else:   # one operation, not one per row (each is a kernel launch on a GPU)
                     frame = torch.arange(x.shape[1], device=x.device) - pad
-                    x.masked_fill_((frame >= counts[i][:, None]).unsqueeze(-1), 0)
+                    past = (frame >= counts[i][:, None]).unsqueeze(-1)
+                    x = torch.where(past, zero, x) if centred else x.masked_fill_(past, 0)
             if index in wanted:
                 out[wanted[index]] = x[:, pad:x.shape[1] - pad]
             if index >= last:
@@ -770,13 +784,14 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: ConvBlock,
-                pad_after: int = 0, tile_bytes: int = TILE_BYTES, relu: bool = True
-                ) -> torch.Tensor:
+                pad_after: int = 0, tile_bytes: int = TILE_BYTES, relu: bool = True,
+                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One block: conv (+ folded BN) + ReLU + max-pool, as GEMMs over tiles of output frames of
     about tile_bytes of input rows (TILE_BYTES: in cache on the CPU; DEVICE_TILE_BYTES: a few
     launches on a GPU). x: (B, T + 2 * block.padding, C_in), time-major and already
     zero-padded -> (B, T_out + 2 * pad_after, C_out), zero-padded for the next block (padding in
-    place saves a copy of every layer). relu=False leaves out the ReLU."""
+    place saves a copy of every layer). relu=False leaves out the ReLU. shift: (C_out,)
+    subtracted from every output frame and padding (the next block's centring), or None."""
     batch, length, c_in = x.shape
     n_out = ((length - block.kernel) // block.stride + 1) // block.pool
     # rows[b, r] = the span input frames of output frame r: a strided view, no copy yet.
@@ -784,9 +799,12 @@ def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block
                                      (length * c_in, block.pool * block.stride * c_in, 1))
     out = x.new_empty(batch, n_out + 2 * pad_after, block.out_channels)
     if pad_after:
-        out[:, :pad_after] = 0
-        out[:, n_out + pad_after:] = 0
+        out[:, :pad_after] = 0 if shift is None else -shift
+        out[:, n_out + pad_after:] = 0 if shift is None else -shift
     frames = out[:, pad_after:pad_after + n_out]
+    floor = 0   # relu(y + bias) - shift = max(y + (bias - shift), -shift)
+    if shift is not None:
+        bias, floor = bias - shift, -shift
     tile = max(MIN_TILE_ROWS // batch, tile_bytes // (block.span * c_in * 4 * batch), 1)
     for start in range(0, n_out, tile):
         y = _matmul(rows[:, start:start + tile].reshape(-1, rows.shape[-1]), weight)
@@ -795,10 +813,10 @@ def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block
         while y.shape[1] > block.out_channels:
             half = y.shape[1] // 2
             y = torch.maximum(y[:, :half], y[:, half:])
-        y += bias
+        tile_out = frames[:, start:start + tile]
+        torch.add(y.view(batch, -1, block.out_channels), bias, out=tile_out)   # no extra copy
         if relu:
-            y.clamp_(min=0)
-        frames[:, start:start + tile] = y.view(batch, -1, block.out_channels)
+            tile_out.clamp_(min=floor)
     return out
 
 
