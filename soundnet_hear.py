@@ -69,7 +69,8 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: SoundNetHEAR) -> tuple:
         nearest = np.abs(layer.timestamps(frames.shape[1])[None, :] - centres[:, None]).argmin(1)
         parts.append(frames[:, torch.from_numpy(nearest).to(frames.device)])
     embeddings = torch.cat(parts, dim=2).to(audio.device)
-    timestamps = torch.tensor(centres * 1000, dtype=torch.float32, device=audio.device)
+    # Converted by numpy: a float64 tensor cannot exist on MPS.
+    timestamps = torch.from_numpy((centres * 1000).astype(np.float32)).to(audio.device)
     return embeddings, timestamps.expand(len(audio), -1).clone()
 
 

@@ -28,6 +28,11 @@ run's value, so the noise shows.
      folder of 10 s MP4 clips (a 160x120 test pattern and AAC), peak RSS of the tree and wall;
      next to librosa.load of the same files (audioread: ffmpeg) and our decoding alone
      (soundnet_io.open_audio: ffmpeg), each in one process.
+  G  the model's fidelity and cost per device, once: max error / peak of every layer against a
+     float64 run on the CPU; per batch of LAUNCH_BATCH x 30 s clips, the aten operations that
+     compute (views left out: on a GPU each is a kernel launch) and those that wait for the
+     device, on the CPU's path and on the path of every other device (run on the CPU too, so
+     the counts show without a GPU); with --device cuda, the GPU memory peak of that batch.
 With --only clips, just E and C run (C on the lengths of a --hours corpus); with --only videos,
 just F.
 """
@@ -61,6 +66,9 @@ MODEL_LENGTHS_S = (10, 60, 300, 1800)
 MIN_TIMING_S = 1.0               # short model calls are repeated until a timing lasts this long
 RSS_INTERVAL_S = 0.02
 GPU_BATCH = 16                   # 10 s clips per batch for the GPU's batched row
+LAUNCH_BATCH = 64                # 30 s clips per batch for G's counts and memory peak
+FIDELITY_S = 30                  # seconds of audio for G's fidelity rows
+SYNC_OPS = ("equal", "_local_scalar_dense", "item")   # these wait for the device
 CLIPS_BATCH = 16                 # 30 s waveforms of slightly different lengths in one list
 # E: (name, number of clips, seconds, spread of the length in seconds, channels, format)
 CLIP_SETS = (("clips_10s", 341, 10.0, 0.05, 2, "MP3"), ("clips_5s", 400, 5.0, 0.0, 1, "WAV"))
@@ -385,6 +393,86 @@ def model_runs(net, device, lengths, add):
         add(f"model {device} batch", time_model(net, batch, device))
 
 
+def launch_counter():
+    """A TorchDispatchMode counting, by name, the aten operations that compute: in place, or
+    with an output in new memory (views share their input's), or no tensor out (`equal`)."""
+    import torch
+    from torch.utils import _pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LaunchCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            storages = {t.untyped_storage().data_ptr()
+                        for t in _pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            outs = [t for t in _pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            name = func.overloadpacket.__name__
+            if name.endswith("_") or not outs or any(
+                    t.untyped_storage().data_ptr() not in storages for t in outs):
+                self.ops[name] = self.ops.get(name, 0) + 1
+            return out
+    return LaunchCounter()
+
+
+def launch_clips(n=LAUNCH_BATCH, seconds=30):
+    """n waveforms of about `seconds`, each 97 samples shorter than the one before."""
+    noise = np.random.default_rng(SEED).uniform(-0.5, 0.5, seconds * MODEL_RATE)
+    return [noise[:seconds * MODEL_RATE - 97 * i].astype(np.float32) for i in range(n)]
+
+
+def count_launches(net, clips, host_path: bool) -> tuple:
+    """(computing aten operations, operations that wait for the device) of one net.extract of
+    the clips (one batch), on the CPU's path or (host_path=False) every other device's."""
+    import soundnet
+    saved = soundnet.HOST_DEVICES
+    soundnet.HOST_DEVICES = saved if host_path else ()
+    try:
+        net.extract(clips[:1])   # folded weights cached
+        counter = launch_counter()
+        with counter:
+            net.extract(clips, batch_size=len(clips), batch_seconds=1e9)
+    finally:
+        soundnet.HOST_DEVICES = saved
+    return sum(counter.ops.values()), sum(counter.ops.get(name, 0) for name in SYNC_OPS)
+
+
+def model_costs(nets: dict, add):
+    """Section G, once: fidelity of every layer against a float64 run of the plain modules on
+    the CPU; launches and waits per batch; the GPU memory peak of a batch."""
+    import copy
+    import torch
+    from soundnet import FEATURES, INPUT_SCALE, LAYERS
+    block_outputs = [name for name in FEATURES if name not in ("conv1", "conv2")]   # fused
+    wave = launch_clips(1, FIDELITY_S)[0]
+    double = copy.deepcopy(nets["cpu"]).double()
+    x = torch.from_numpy(wave).double()[None, None] * INPUT_SCALE
+    want = {}
+    with torch.no_grad():
+        for index, module in enumerate(double.features, start=1):
+            x = module(x)
+            want[LAYERS[index].name] = x[0].T.numpy()
+        want["y_obj"], want["y_scns"] = (h(x)[0].T.numpy() for h in (double.conv8, double.conv8_2))
+    clips = launch_clips()
+    for dev, net in nets.items():
+        for path, layers in (("fused", block_outputs), ("inner", list(range(1, 27)))):
+            got = net.extract(wave, layers)
+            add(f"fidelity {dev} {path}", max(
+                np.abs(got[name] - want[name]).max() / np.abs(want[name]).max() for name in got))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            net.extract(clips, batch_size=len(clips), batch_seconds=1e9)
+            add("cuda memory peak", torch.cuda.max_memory_allocated() / 2 ** 20)
+    for path, host in (("cpu path", True), ("device path", False)):
+        ops, waits = count_launches(nets["cpu"], clips, host)
+        add(f"launches {path}", ops)
+        add(f"waits {path}", waits)
+
+
 # -- report -------------------------------------------------------------------------------------
 
 def machine() -> str:
@@ -408,6 +496,8 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list,
         def fmt(v):
             if unit == "ms":
                 return f"{v:.2f}"
+            if unit == "of peak":
+                return f"{v:.1e}"
             return f"{v:.0f}" if unit != "s" else f"{v:.3f}" if v < 1 else f"{v:.2f}"
 
         if key in res:
@@ -498,6 +588,17 @@ def table(res: dict, audio_s: float, n_files: int, long_s: float, devices: list,
         rows.append(("ratio end-to-end / librosa.load on the clips (whole processes)",
                      f"{med['video clips e2e'] / med['video clips librosa']:.2f}", "", "",
                      "target <= 1.0"))
+    for dev in devices:
+        row(f"fidelity ({dev}): worst block output (fused path), max error / peak vs "
+            "float64", f"fidelity {dev} fused", unit="of peak", note="target <= 1e-5")
+        row(f"fidelity ({dev}): worst of all 26 layers", f"fidelity {dev} inner",
+            unit="of peak", note="target <= 1e-5")
+    row(f"GPU memory peak, one batch of {LAUNCH_BATCH} x 30 s", "cuda memory peak", unit="MB")
+    for path in ("cpu path", "device path"):
+        row(f"aten operations per batch of {LAUNCH_BATCH} x 30 s, {path} (on the CPU)",
+            f"launches {path}", unit="ops", note="~ kernel launches on a GPU")
+        row(f"  of which wait for the device ({', '.join(SYNC_OPS)})", f"waits {path}",
+            unit="ops")
     row("CPU used by other processes during a repeat", "other load",
         note="noise: ~0 when the machine was otherwise idle")
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -556,6 +657,9 @@ def main(argv=None):
 
     def add(key, value):
         res.setdefault(key, []).append(value)
+
+    if args.only != "videos":
+        model_costs(nets, add)                                                           # G
 
     decode_cmd, file_list = [sys.executable, "-c", DECODE_SCRIPT], "\n".join(map(str, files))
     with tempfile.TemporaryDirectory(prefix="soundnet-bench-") as tmp:

@@ -1,5 +1,6 @@
 """The Python API is never silently wrong (issue 12): stale fused weights, the fast path's
-accuracy on silence and DC, and clear errors for inputs that are not mono float waveforms."""
+accuracy on silence and DC, and clear errors for inputs that are not mono float waveforms.
+`net` runs on SOUNDNET_TEST_DEVICE (conftest); the float64 references on the CPU."""
 import copy
 import warnings
 
@@ -28,7 +29,7 @@ def error_of_peak(got, want) -> float:
 @pytest.fixture(scope="module")
 def reference(net):
     """Every layer through the plain modules in float64: {name: (frames, C)}."""
-    double = copy.deepcopy(net).double().eval()
+    double = copy.deepcopy(net).cpu().double().eval()
 
     def run(wave):
         x = torch.as_tensor(wave, dtype=torch.float64)[None, None] * INPUT_SCALE
@@ -44,7 +45,7 @@ def reference(net):
 
 
 def plain(net, wave, layers):
-    return {k: v[0].T.numpy() for k, v in net(wave, layers).items()}
+    return {k: v[0].T.detach().cpu().numpy() for k, v in net(wave, layers).items()}
 
 
 # -- 1. the fused weights always follow the module ---------------------------------------------
@@ -89,9 +90,9 @@ def test_extract_follows_every_kind_of_weight_edit(net):
                                            (0.03, 10), (-0.002, 30)])
 def test_fast_path_is_exact_on_silence_and_dc(net, reference, level, seconds):
     """Every layer, both ways the fast path runs a block (fused GEMM when only its output is
-    wanted, module by module when an inner layer is), within 1e-5 of peak of float64. Before
-    conv2 was centred, -0.002 for 30 s was 2e-5 off on conv6 (the fused path); before deep
-    blocks ran module by module in float64, 0.02 was 1.2e-5 off on conv6.bn."""
+    wanted, step by step when an inner layer is), within 1e-5 of peak of float64, all in
+    float32. Before conv2 was centred, -0.002 for 30 s was 2e-5 off on conv6 (the fused path);
+    with only conv2 centred, the step-by-step path was 1.07e-5 off on conv6.bn at 0.0145."""
     wave = np.full(seconds * SAMPLE_RATE, level, np.float32)
     want = reference(wave)
     for layers in (BLOCK_OUTPUTS, ALL_LAYERS):
@@ -125,6 +126,13 @@ def test_reversed_views_work_and_degenerate_arrays_are_refused(net):
         net.extract(torch.zeros(1, 1, SAMPLE_RATE), "pool5")
     with pytest.raises(ValueError, match="NaN or infinite"):
         net.extract(np.where(np.arange(len(wave)) == 5, np.nan, wave), "pool5")
+    huge = np.where(np.arange(len(wave)) == 5, np.float32(3e38), wave)   # x256: infinity
+    for run in (net.extract, net):
+        with pytest.raises(ValueError, match=r"samples up to 3e\+38 overflow float32 once "
+                                             r"scaled by INPUT_SCALE=256"):
+            run(huge, "pool5")
+    with pytest.warns(UserWarning, match="peak above"):   # loud, but finite after x256
+        assert np.isfinite(net.extract(wave * np.float32(1e36), "pool1")["pool1"]).all()
 
 
 # -- 4. stereo by mistake ------------------------------------------------------------------------
@@ -180,6 +188,24 @@ def test_loud_float_input_warns_once(net):
 
 
 # -- 7. top_labels ---------------------------------------------------------------------------------
+
+def test_one_label_form_everywhere_and_the_raw_ids_on_request():
+    """top_labels, load_categories and the CLI's table give the readable form (issue 19)."""
+    import extract_feats
+    scenes, objects = load_categories("y_scns"), load_categories("y_obj")
+    assert scenes[scenes.index("bedroom")] == "bedroom" and "stadium/football" in scenes
+    assert "apartment building/outdoor" in scenes and objects[0] == "tench"
+    raw_scenes = load_categories("y_scns", raw=True)
+    raw_objects = load_categories("y_obj", raw=True)
+    assert raw_scenes[scenes.index("bedroom")] == "/b/bedroom"
+    assert raw_objects[0] == "n01440764 tench, Tinca tinca"
+    logits = np.zeros((2, 401), np.float32)
+    logits[:, scenes.index("stadium/football")] = 9
+    assert top_labels(logits, "y_scns", k=1)[0][0] == "stadium/football"
+    assert top_labels(logits, "y_scns", k=1, raw=True)[0][0] == "/s/stadium/football"
+    for raw, readable in zip(raw_scenes + raw_objects, scenes + objects):
+        assert extract_feats.short_label(raw) == readable == extract_feats.short_label(readable)
+
 
 def test_top_labels_checks_the_head_and_handles_batches():
     rng = np.random.default_rng(1)

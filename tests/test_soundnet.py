@@ -28,7 +28,7 @@ def golden_wave(name):
 def golden(request, net):
     name = request.param
     wave = golden_wave(name)
-    plain = {k: v[0].T.detach().double().numpy() for k, v in net(wave, ALL_LAYERS).items()}
+    plain = {k: v[0].T.detach().cpu().double().numpy() for k, v in net(wave, ALL_LAYERS).items()}
     fast = {k: v.astype(np.float64) for k, v in net.extract(wave, ALL_LAYERS).items()}
     return name, np.load(GOLDEN / f"{name}.npz"), plain, fast
 
@@ -125,7 +125,7 @@ def test_receptive_field_and_timestamps_match_an_impulse(net, index):
     s = n // 2 + 7
     kick = base.copy()
     kick[s] += 0.9
-    before, after = (net(w, [index])[layer.name][0].detach().numpy() for w in (base, kick))
+    before, after = (net(w, [index])[layer.name][0].detach().cpu().numpy() for w in (base, kick))
     changed = np.flatnonzero(np.abs(after - before).max(axis=0) > 1e-6 * np.abs(before).max())
     starts = layer.offset + np.arange(before.shape[1]) * layer.hop
     inside = np.flatnonzero((starts <= s) & (s < starts + layer.receptive_field))
@@ -223,8 +223,8 @@ def test_fused_weights_follow_parameter_updates():
 
 def test_categories_and_top_labels():
     objects, scenes = load_categories("y_obj"), load_categories("y_scns")
-    assert len(objects) == 1000 and objects[0] == "tench, Tinca tinca"
-    assert len(scenes) == 401 and scenes[0] == "/a/abbey"
+    assert len(objects) == 1000 and objects[0] == "tench"
+    assert len(scenes) == 401 and scenes[0] == "abbey"
     logits = np.random.default_rng(0).standard_normal((5, 401)).astype(np.float32)
     logits[:, 7] += 4
     top = top_labels(logits, "y_scns", k=3)
