@@ -12,8 +12,6 @@ inputs ok, 1 some failed (all others done), 2 usage or configuration error (noth
 Decoding runs in worker processes, started before torch is imported, while the model runs here.
 """
 import argparse
-import csv
-import io
 import json
 import math
 import multiprocessing
@@ -24,12 +22,10 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -43,10 +39,9 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from soundnet_io import (CHANNEL_POLICIES, CSV_LINE_END, METADATA_FILE, MIN_SECONDS,
-                         RESAMPLING_RULE, SAMPLE_RATE, TILING_RULE, AudioError, atomic_write,
-                         csv_cell, csv_value, die_with_parent, ffmpeg_version, open_audio,
-                         process_alive,
+from soundnet_io import (CHANNEL_POLICIES, METADATA_FILE, MIN_SECONDS, RESAMPLING_RULE,
+                         SAMPLE_RATE, TILING_RULE, AudioError, CsvLog, atomic_write,
+                         die_with_parent, ffmpeg_version, locked, open_audio,
                          remove_stale_partials, save_array, tile_clip, write_failure)
 
 MANIFEST = "manifest.csv"
@@ -72,10 +67,6 @@ WINDOW_SECONDS = 1200.0
 CAN_PIN = hasattr(os, "sched_getaffinity")   # Linux: the cores this job was given
 CPUS = len(os.sched_getaffinity(0)) if CAN_PIN else os.cpu_count()
 THREAD_INTERVAL_SECONDS = 0.5   # the model's threads are chosen again at most this often
-LOCK_FILE = ".soundnet.lock"
-# Without fcntl (Windows) the lock is a file created exclusively. Holders keep it for
-# milliseconds, so one this old was left by a process that died (on any machine).
-STALE_LOCK_SECONDS = 600.0
 
 
 class UsageError(Exception):
@@ -471,65 +462,6 @@ class ModelThreads:
 # -- output files ---------------------------------------------------------------------------------
 
 @contextmanager
-def locked(out: Path):
-    """Serialise manifest and metadata updates between --shard processes on one OUT.
-    Where the system has fcntl (Linux, macOS, BSD): flock on OUT/.soundnet.lock, which the
-    kernel releases when its holder dies. Elsewhere (Windows): see lock_file."""
-    try:
-        import fcntl
-    except ImportError:
-        with lock_file(out / f"{LOCK_FILE}.held"):
-            yield
-        return
-    with open(out / LOCK_FILE, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextmanager
-def lock_file(path: Path, poll: float = 0.02):
-    """A lock held by creating `path` exclusively (O_CREAT | O_EXCL: atomic on every system
-    and on network file systems), holding "host pid token". A waiter takes over one whose
-    holder died: a pid not running on this host, or older than STALE_LOCK_SECONDS."""
-    me = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            remove_if_stale(path)
-            time.sleep(poll)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(me)
-        break
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def remove_if_stale(path: Path):
-    try:
-        holder = path.read_text(encoding="utf-8")
-        age = time.time() - path.stat().st_mtime
-    except (FileNotFoundError, UnicodeDecodeError):
-        return
-    host, _, rest = holder.partition(" ")
-    pid = rest.split(" ")[0]
-    dead = host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
-    # An empty holder: created, not yet written (or died in between).
-    if dead or age > (STALE_LOCK_SECONDS if holder else 10.0):
-        try:
-            if path.read_text(encoding="utf-8") == holder:   # not retaken meanwhile
-                path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-@contextmanager
 def writing_into(out: Path):
     """OSError from writing into OUT -> OutputFailed, one line naming OUT and the reason."""
     try:
@@ -572,67 +504,6 @@ class Writer:
                     job(*args)
                 except Exception as e:
                     self.error = e
-
-
-class CsvLog:
-    """A CSV written as you go (rows appended under the lock, so an interrupted run keeps what
-    it did) and compacted at the end of a run: the last row per key, sorted, atomically."""
-
-    def __init__(self, path: Path, fields, key_fields):
-        self.path, self.fields, self.key_fields = path, fields, key_fields
-
-    def append(self, rows):
-        """Whole rows or nothing: a write that fails (full disk) is cut back off the file."""
-        text = io.StringIO()
-        self._write(text, rows)
-        with locked(self.path.parent), open(self.path, "ab", buffering=0) as f:
-            start = f.seek(0, os.SEEK_END)
-            header = "" if start else ",".join(self.fields) + CSV_LINE_END
-            try:
-                write_all(f, (header + text.getvalue()).encode("utf-8", "surrogateescape"))
-            except OSError:
-                f.truncate(start)
-                raise
-
-    def rows(self) -> dict:
-        """{key: last row for it}, the values as written (csv_cell's escape undone). Reads
-        the CRLF line ends of older versions too."""
-        if not self.path.exists():
-            return {}
-        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = ({k: csv_value(v) if isinstance(v, str) else v for k, v in r.items()}
-                    for r in csv.DictReader(f))
-            return {tuple(r[k] for k in self.key_fields): r for r in rows}
-
-    def _write(self, f, rows):
-        """rows (dicts) into f, with "\n" line ends and cells escaped by csv_cell."""
-        csv.DictWriter(f, self.fields, extrasaction="ignore", lineterminator=CSV_LINE_END
-                       ).writerows({k: "" if v is None else csv_cell(v) for k, v in row.items()}
-                                   for row in rows)
-
-    def has_header(self) -> bool:
-        """Whether the file is missing or starts with this log's header (an older manifest
-        has fewer columns: compact it before appending)."""
-        if not self.path.exists():
-            return True
-        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            return next(csv.reader(f), None) == self.fields
-
-    def compact(self, keep=lambda row: True):
-        """Rewrite the file: the last row per key for which keep(row), sorted."""
-        with locked(self.path.parent):
-            rows = self.rows()
-            with atomic_write(self.path, "w", newline="", encoding="utf-8",
-                              errors="surrogateescape") as f:
-                f.write(",".join(self.fields) + CSV_LINE_END)
-                self._write(f, (row for _, row in sorted(rows.items()) if keep(row)))
-
-
-def write_all(f, data: bytes):
-    """Write all of `data` to the unbuffered binary file f (a raw write may write less)."""
-    view = memoryview(data)
-    while view:
-        view = view[f.write(view):]
 
 
 def write_metadata(out: Path, args, layers, sha256: str, feature_names, provenance=None) -> list:

@@ -29,8 +29,9 @@ import numpy as np
 from tqdm import tqdm
 
 from soundnet_io import (CSV_LINE_END, METADATA_FILE, POOLS, SAMPLE_RATE, FrameGrid,
-                         atomic_write, check_grid, csv_cell, load_pickled_npy, pool_windows,
-                         read_npy_header, remove_stale_partials, save_array, write_failure)
+                         check_grid, csv_cell, load_pickled_npy, pool_windows,
+                         read_npy_header, remove_stale_partials, save_array, write_failure,
+                         write_text_atomic)
 
 DEFAULT_FEATURE = "conv7"
 MANIFEST = "manifest.csv"   # extract_feats.py's; --hop reads each clip's sample count there
@@ -165,12 +166,6 @@ def find_inputs(feature_dir: Path) -> list:
     keys = [p.relative_to(feature_dir).as_posix()[:-len(".npy")]
             for p in feature_dir.rglob("*.npy") if p.is_file() and not p.name.startswith(".")]
     return sorted(keys)
-
-
-def write_text_atomic(path: Path, text: str):
-    # surrogateescape: file names that are not valid UTF-8 still round-trip.
-    with atomic_write(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        f.write(text)
 
 
 def read_extraction(raw: Path, feature: str) -> dict:
