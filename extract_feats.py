@@ -620,13 +620,15 @@ def main(argv=None) -> int:
         return 2
     decoders = Decoders(min(args.workers, len(found)), args.channel)   # before torch
     try:
-        return run(args, found, decoders)
+        return extract_all(args, found, decoders)
     finally:
         decoders.close()
 
 
-def run(args, found: dict, decoders: Decoders) -> int:
-    """found: {output key: (input path, path relative to the root)}."""
+def extract_all(args, found: dict, decoders: Decoders) -> int:
+    """Load the model, claim OUT, then run every file of `found` through a Batcher into a
+    Ledger; returns the exit status. found: {output key: (input path, path relative to the
+    root)}."""
     import torch
     import soundnet
 
@@ -644,18 +646,26 @@ def run(args, found: dict, decoders: Decoders) -> int:
     try:
         with writing_into(args.output):
             args.output.mkdir(parents=True, exist_ok=True)
-            names = {layer.name for layer in soundnet.LAYERS.values()}
-            removed = write_metadata(args.output, args, layers, net.weights_sha256, names,
-                                     run_provenance(args, device, net, torch))
+            feature_names = {layer.name for layer in soundnet.LAYERS.values()}
+            removed = write_metadata(args.output, args, layers, net.weights_sha256,
+                                     feature_names, run_provenance(args, device, net, torch))
             remove_stale_partials(args.output)
-            job = Extraction(args, net, layers, device, found)
+            batch_size = args.batch_size or (CPU_BATCH_SIZE if device == "cpu"
+                                             else GPU_BATCH_SIZE)
+            names = list(dict.fromkeys(layer.name for layer in layers))
+            heads = list(HEADS) if args.topk else []
+            # a window's files can be handed over while the model runs the next window
+            ledger = Ledger(args.output, found, names, heads, args.topk, args.quiet,
+                            max_queued=WINDOW_BATCHES * batch_size)
+            batcher = Batcher(net, list(dict.fromkeys(names + heads)), names, device,
+                              batch_size, args.min_seconds, ledger)
     except (UsageError, OutputFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if removed:
         print(f"removed {', '.join(removed)} from {args.output} (made with other settings)",
               file=sys.stderr)
-    todo = [k for k in inputs if args.force or not job.done(k)]
+    todo = [k for k in inputs if args.force or not ledger.done(k)]
     stop = StopRequest()
     decoders.start([inputs[k] for k in todo], stopping=stop.requested)
     interrupted, stopped = False, None
@@ -666,7 +676,7 @@ def run(args, found: dict, decoders: Decoders) -> int:
             if stop.requested():   # the rows stay as they were
                 break
             if key not in todo_keys:
-                job.skip(key)
+                ledger.skip(key)
         threads = ModelThreads(torch, max(1, CPUS - len(decoders.workers)))
         for i, key in enumerate(todo):
             if stop.requested():
@@ -675,46 +685,47 @@ def run(args, found: dict, decoders: Decoders) -> int:
             try:
                 info, blocks = decoders.file(i)
                 blocks = stop.checked(blocks)
-                head = []   # read whole when short: tiling and batching need the whole file
+                # read whole when short: tiling and batching need the whole file
+                first_blocks = []
                 for block in blocks:
-                    head.append(block)
+                    first_blocks.append(block)
                     n_samples += len(block)
-                    if n_samples > job.stream_above:
+                    if n_samples > batcher.stream_above:
                         break
-                if n_samples > job.stream_above:
-                    job.stream(key, info, chain(head, blocks))
+                if n_samples > batcher.stream_above:
+                    batcher.stream(key, info, chain(first_blocks, blocks))
                 else:
-                    job.add(key, info, head)
+                    batcher.add(key, info, first_blocks)
             except (AudioError, ValueError) as e:
-                job.fail(key, inputs[key], e, info, n_samples)
+                ledger.fail(key, e, info, n_samples)
             except Interrupted:   # a stop while this file was read: it is left for a re-run
                 break
             threads.update()
-        job.flush()   # also after a stop: the files already decoded
+        batcher.flush()   # also after a stop: the files already decoded
     except KeyboardInterrupt:   # a second Ctrl-C or SIGTERM (or Ctrl-C outside the main thread)
         interrupted = True
     except OutputFailed as e:   # full disk: every later file would fail the same way
         stopped = str(e)
     finally:
         try:
-            job.close()
+            ledger.close()
         except OutputFailed as e:   # rows stay appended, uncompacted: still readable
             stopped = stopped or str(e)
         finally:
             stop.restore()
     interrupted = interrupted or stop.requested()
     if stopped:
-        c = job.counts
+        c = ledger.counts
         print(f"error: {stopped}; stopped after {c['ok']} ok, {c['failed']} failed, "
               f"{c['skipped']} skipped (recorded in {args.output / MANIFEST}); make room and "
               "run again to do the rest", file=sys.stderr)
         return 1
     if args.topk and not interrupted:
         print(predictions_table(args.output / PREDICTIONS, list(inputs)), flush=True)
-    print(job.summary() + (" (interrupted)" if interrupted else ""), file=sys.stderr)
+    print(ledger.summary() + (" (interrupted)" if interrupted else ""), file=sys.stderr)
     if interrupted:
         return 128 + (stop.signal or signal.SIGINT)   # 130 for Ctrl-C, 143 for SIGTERM
-    return 1 if job.counts["failed"] else 0
+    return 1 if ledger.counts["failed"] else 0
 
 
 class StopRequest:
@@ -756,49 +767,33 @@ class StopRequest:
             pass
 
 
-class Extraction:
-    """The outputs of one run: feature arrays, manifest and predictions rows, counts, the
-    progress bar; and the batching of short files."""
+class Ledger:
+    """The outputs of one run in OUT: each file's feature arrays and manifest row, its
+    predictions with --topk, the counts and the progress bar. Rows and arrays are written in
+    the order they are handed over, by a writer thread (see Writer), off the model's path."""
 
-    def __init__(self, args, net, layers, device: str, found: dict):
-        """found: {output key: (input path, that path relative to the root)}."""
+    def __init__(self, out: Path, found: dict, names: list, heads: list, topk: int,
+                 quiet: bool, max_queued: int):
+        """found: {output key: (input path, that path relative to the root)}; names: the
+        features saved; heads: those ranked for predictions.csv (HEADS with --topk, else none),
+        topk ranks each; max_queued: files handed over that may wait for the writer."""
         import soundnet
-        import torch
-        self.soundnet, self.args, self.net, self.out = soundnet, args, net, args.output
-        self.device, self.torch = device, torch
+        self.soundnet, self.out = soundnet, out
+        self.names, self.heads, self.topk = names, heads, topk
         self.paths = {key: path for key, (path, _) in found.items()}
         self.sources = {key: relative for key, (_, relative) in found.items()}   # manifest
-        self.names = list(dict.fromkeys(layer.name for layer in layers))
-        self.heads = list(HEADS) if args.topk else []
-        self.computed = list(dict.fromkeys(self.names + self.heads))
-        self.longest_minimum = max(map(soundnet.get_layer, self.computed),
-                                   key=lambda layer: layer.min_samples)
-        self.stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)  # longer: streamed
-        self.use_batch_size(args.batch_size or (CPU_BATCH_SIZE if device == "cpu"
-                                                else GPU_BATCH_SIZE))
-        self.window = []   # [(key, info, n_samples, tiled wave)] waiting for a batch
-        self.window_samples = 0   # of the tiled waves in it
-        self.window_limit = WINDOW_SECONDS * self.batch_size / CPU_BATCH_SIZE * SAMPLE_RATE
-        self.manifest = CsvLog(self.out / MANIFEST, MANIFEST_FIELDS, ["path"])
-        self.predictions = CsvLog(self.out / PREDICTIONS, PREDICTION_FIELDS,
-                                  ["path", "head", "rank"])
+        self.manifest = CsvLog(out / MANIFEST, MANIFEST_FIELDS, ["path"])
+        self.predictions = CsvLog(out / PREDICTIONS, PREDICTION_FIELDS, ["path", "head", "rank"])
         for log in (self.manifest, self.predictions):
             if not log.has_header():   # written by an older version: add the new columns
                 log.compact()
         self.previous = self.manifest.rows()
-        self.ranked = self.predictions.rows() if self.heads else {}
+        self.ranked = self.predictions.rows() if heads else {}
         self.failed_keys = set()
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.audio_seconds, self.started = 0.0, time.perf_counter()
-        self.bar = tqdm(total=len(found), unit="file", disable=args.quiet or None,
-                        dynamic_ncols=True)
-        # a window's files can be handed over while the model runs the next window
-        self.writer = Writer(WINDOW_BATCHES * self.batch_size)
-
-    def use_batch_size(self, files: int):
-        self.batch_size = files
-        # padded audio per network call, in proportion to the batch size (memory)
-        self.batch_seconds = self.soundnet.BATCH_SECONDS * files / self.soundnet.BATCH_SIZE
+        self.bar = tqdm(total=len(found), unit="file", disable=quiet or None, dynamic_ncols=True)
+        self.writer = Writer(max_queued)
 
     def done(self, key: str) -> bool:
         """Whether everything this run asks for exists: the arrays, recorded in the manifest
@@ -834,106 +829,8 @@ class Extraction:
     def _ranked(self, key: str) -> bool:
         """Whether predictions.csv has ranks 1..K of both heads for key."""
         return all((key, head, str(rank)) in self.ranked for head in self.heads
-                   for rank in range(1, min(self.args.topk,
+                   for rank in range(1, min(self.topk,
                                             self.soundnet.get_layer(head).channels) + 1))
-
-    # -- one file ---------------------------------------------------------------------------------
-
-    def stream(self, key, info, blocks):
-        """A long file, through the model in chunks."""
-        n_samples = 0
-
-        def counted():
-            nonlocal n_samples
-            for block in blocks:
-                n_samples += len(block)
-                yield block
-        try:
-            feats = self.net.extract_stream(counted(), self.computed)
-        except self.torch.cuda.OutOfMemoryError as e:
-            reason = self._out_of_memory(e, "in chunks")
-        else:
-            return self.save(key, info, n_samples, feats)
-        self.torch.cuda.empty_cache()
-        for _ in counted():   # the rest of the file, so the next file's blocks come next
-            pass
-        self.fail(key, self.paths[key], reason, info, n_samples)
-
-    def add(self, key, info, blocks: list):
-        """A short file, whole: tiled to --min-seconds, then run in a batch with files of
-        similar length (any lengths batch exactly: SoundNet.extract_many)."""
-        # one block (a clip up to ~10 s, or an MP3 read whole) needs no copy
-        wave = blocks[0] if len(blocks) == 1 else np.concatenate([np.zeros(0, np.float32),
-                                                                  *blocks])
-        n_samples = len(wave)
-        if n_samples == 0:
-            raise AudioError("no samples (decodes to 0 samples)")
-        wave = tile_clip(wave, self.args.min_seconds)
-        if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
-            raise ValueError(self.too_short(len(wave)))
-        self.window.append((key, info, n_samples, wave))
-        self.window_samples += len(wave)
-        if (len(self.window) >= WINDOW_BATCHES * self.batch_size
-                or self.window_samples >= self.window_limit):
-            self.flush()
-
-    def too_short(self, n_samples: int) -> str:
-        """Why a (tiled) clip of n_samples cannot give every feature asked for, naming those
-        that need more and how to drop them or tile to their length."""
-        short = [name for name in self.computed
-                 if self.soundnet.get_layer(name).min_samples > n_samples]
-        others = [name for name in self.names if name not in short]
-        fixes = []
-        if others and len(others) < len(self.names):   # some features asked for can be had
-            fixes.append(f"take the others alone (--features {' '.join(others)})")
-        if any(name not in self.names for name in short):   # heads computed only to rank
-            fixes.append("drop --topk")
-        need = self.longest_minimum.min_samples / SAMPLE_RATE
-        fixes.append(f"tile short clips to at least {need:.2f} s (--min-seconds "
-                     f"{math.ceil(need)})")
-        return (f"{self.soundnet.too_short_message(self.longest_minimum, n_samples)}; too "
-                f"short for {', '.join(short)}: {', or '.join(fixes)}")
-
-    def flush(self):
-        """Run the files waiting in the window (extract_many sorts them by length)."""
-        window, self.window, self.window_samples = self.window, [], 0
-        if window:
-            feats = self._run_batched([wave for *_, wave in window])
-            for (key, info, n_samples, _), f in zip(window, feats):
-                if isinstance(f, str):
-                    self.fail(key, self.paths[key], f, info, n_samples)
-                else:
-                    self.save(key, info, n_samples, f)
-
-    def _run_batched(self, waves: list) -> list:
-        """extract_many of the waves; out of memory, again in batches half as large (kept
-        for the rest of the run), then one at a time. Returns their features, or for a wave
-        that does not fit even alone the reason, a string."""
-        while self.batch_size > 1:
-            try:
-                return self.net.extract_many(waves, self.computed, batch_size=self.batch_size,
-                                             batch_seconds=self.batch_seconds)
-            except self.torch.cuda.OutOfMemoryError:
-                pass
-            self.torch.cuda.empty_cache()   # the error (and the tensors it held) is gone here
-            self.use_batch_size(self.batch_size // 2)
-            tqdm.write(f"out of memory on {self.device}: batches of {self.batch_size} files "
-                       "from now on", file=sys.stderr)
-        results = []
-        for wave in waves:   # one at a time: only those that do not fit alone fail
-            try:
-                results += self.net.extract_many([wave], self.computed, batch_size=1)
-            except self.torch.cuda.OutOfMemoryError as e:
-                results.append(self._out_of_memory(e, "alone"))
-            self.torch.cuda.empty_cache()
-        return results
-
-    def _out_of_memory(self, error, how: str) -> str:
-        """Why a file failed: it does not fit in the device's memory even `how`."""
-        said = (str(error).strip().splitlines() or [""])[0][:200]
-        return f"out of memory on {self.device} even {how}" + (f" ({said})" if said else "")
-
-    # -- rows ---------------------------------------------------------------------------------------
 
     def save(self, key, info, n_samples, feats):
         """Hand a file's arrays and row to the writer thread (feats: {name: (frames, C)})."""
@@ -951,7 +848,10 @@ class Extraction:
                 save_array(self.out / name / f"{key}.npy", feats[name])
         self._record(row, feats)
 
-    def fail(self, key, path, error, info=None, n_samples=0):
+    def fail(self, key, error, info=None, n_samples=0):
+        """Record that key's file failed: `error` (a message or an exception) said on stderr
+        and in its row, which names the input path."""
+        path = self.paths[key]
         message = str(error) if str(error).startswith(str(path)) else f"{path}: {error}"
         row = {"path": key, "status": "failed", "error": message}
         if info is not None:
@@ -988,7 +888,7 @@ class Extraction:
                      "probability": f"{p:.6f}"}
                     for h in self.heads
                     for rank, (label, p) in enumerate(
-                        self.soundnet.top_labels(heads[h], h, self.args.topk), 1))
+                        self.soundnet.top_labels(heads[h], h, self.topk), 1))
         self.counts[counted] += 1
         if counted != "skipped":
             self.audio_seconds += float(row.get("seconds") or 0)
@@ -1009,7 +909,7 @@ class Extraction:
         with writing_into(self.out):
             self.manifest.compact()
             if self.heads:
-                self.predictions.compact(lambda row: int(row["rank"]) <= self.args.topk
+                self.predictions.compact(lambda row: int(row["rank"]) <= self.topk
                                          and row["path"] not in self.failed_keys)
 
     def summary(self) -> str:
@@ -1017,6 +917,130 @@ class Extraction:
         return (f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped; "
                 f"{self.audio_seconds / 3600:.2f} h of audio in {self.elapsed():.1f} s "
                 f"({self.audio_seconds / self.elapsed():.0f}x realtime)")
+
+
+class Batcher:
+    """Runs the files through the model: one longer than soundnet.CHUNK_SECONDS streams alone
+    in chunks; shorter ones are tiled to min_seconds and wait in a window of up to
+    WINDOW_BATCHES batches, then run in batches of similar length (SoundNet.extract_many).
+    Out of memory, batches are halved for the rest of the run. Each file's features, or why
+    it failed, go to the ledger."""
+
+    def __init__(self, net, computed: list, names: list, device: str, batch_size: int,
+                 min_seconds: float, ledger: Ledger):
+        """computed: the features the model gives (names, saved, and the heads ranked);
+        batch_size: files per network call to start with."""
+        import soundnet
+        import torch
+        self.soundnet, self.torch, self.net, self.device = soundnet, torch, net, device
+        self.computed, self.names = computed, names
+        self.min_seconds, self.ledger = min_seconds, ledger
+        self.longest_minimum = max(map(soundnet.get_layer, computed),
+                                   key=lambda layer: layer.min_samples)
+        self.stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)  # longer: streamed
+        self.use_batch_size(batch_size)
+        self.window = []   # [(key, info, n_samples, tiled wave)] waiting for a batch
+        self.window_samples = 0   # of the tiled waves in it
+        self.window_limit = WINDOW_SECONDS * batch_size / CPU_BATCH_SIZE * SAMPLE_RATE
+
+    def use_batch_size(self, files: int):
+        self.batch_size = files
+        # padded audio per network call, in proportion to the batch size (memory)
+        self.batch_seconds = self.soundnet.BATCH_SECONDS * files / self.soundnet.BATCH_SIZE
+
+    def stream(self, key, info, blocks):
+        """A long file, through the model in chunks."""
+        n_samples = 0
+
+        def counted():
+            nonlocal n_samples
+            for block in blocks:
+                n_samples += len(block)
+                yield block
+        try:
+            feats = self.net.extract_stream(counted(), self.computed)
+        except self.torch.cuda.OutOfMemoryError as e:
+            reason = self._out_of_memory(e, "in chunks")
+        else:
+            return self.ledger.save(key, info, n_samples, feats)
+        self.torch.cuda.empty_cache()
+        for _ in counted():   # the rest of the file, so the next file's blocks come next
+            pass
+        self.ledger.fail(key, reason, info, n_samples)
+
+    def add(self, key, info, blocks: list):
+        """A short file, whole: tiled to min_seconds, then run in a batch with files of
+        similar length (any lengths batch exactly: SoundNet.extract_many)."""
+        # one block (a clip up to ~10 s, or an MP3 read whole) needs no copy
+        wave = blocks[0] if len(blocks) == 1 else np.concatenate([np.zeros(0, np.float32),
+                                                                  *blocks])
+        n_samples = len(wave)
+        if n_samples == 0:
+            raise AudioError("no samples (decodes to 0 samples)")
+        wave = tile_clip(wave, self.min_seconds)
+        if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
+            raise ValueError(self.too_short(len(wave)))
+        self.window.append((key, info, n_samples, wave))
+        self.window_samples += len(wave)
+        if (len(self.window) >= WINDOW_BATCHES * self.batch_size
+                or self.window_samples >= self.window_limit):
+            self.flush()
+
+    def too_short(self, n_samples: int) -> str:
+        """Why a (tiled) clip of n_samples cannot give every feature asked for, naming those
+        that need more and how to drop them or tile to their length."""
+        short = [name for name in self.computed
+                 if self.soundnet.get_layer(name).min_samples > n_samples]
+        others = [name for name in self.names if name not in short]
+        fixes = []
+        if others and len(others) < len(self.names):   # some features asked for can be had
+            fixes.append(f"take the others alone (--features {' '.join(others)})")
+        if any(name not in self.names for name in short):   # heads computed only to rank
+            fixes.append("drop --topk")
+        need = self.longest_minimum.min_samples / SAMPLE_RATE
+        fixes.append(f"tile short clips to at least {need:.2f} s (--min-seconds "
+                     f"{math.ceil(need)})")
+        return (f"{self.soundnet.too_short_message(self.longest_minimum, n_samples)}; too "
+                f"short for {', '.join(short)}: {', or '.join(fixes)}")
+
+    def flush(self):
+        """Run the files waiting in the window (extract_many sorts them by length)."""
+        window, self.window, self.window_samples = self.window, [], 0
+        if window:
+            feats = self._extract_batched([wave for *_, wave in window])
+            for (key, info, n_samples, _), f in zip(window, feats):
+                if isinstance(f, str):
+                    self.ledger.fail(key, f, info, n_samples)
+                else:
+                    self.ledger.save(key, info, n_samples, f)
+
+    def _extract_batched(self, waves: list) -> list:
+        """extract_many of the waves; out of memory, again in batches half as large (kept
+        for the rest of the run), then one at a time. Returns their features, or for a wave
+        that does not fit even alone the reason, a string."""
+        while self.batch_size > 1:
+            try:
+                return self.net.extract_many(waves, self.computed, batch_size=self.batch_size,
+                                             batch_seconds=self.batch_seconds)
+            except self.torch.cuda.OutOfMemoryError:
+                pass
+            self.torch.cuda.empty_cache()   # the error (and the tensors it held) is gone here
+            self.use_batch_size(self.batch_size // 2)
+            tqdm.write(f"out of memory on {self.device}: batches of {self.batch_size} files "
+                       "from now on", file=sys.stderr)
+        results = []
+        for wave in waves:   # one at a time: only those that do not fit alone fail
+            try:
+                results += self.net.extract_many([wave], self.computed, batch_size=1)
+            except self.torch.cuda.OutOfMemoryError as e:
+                results.append(self._out_of_memory(e, "alone"))
+            self.torch.cuda.empty_cache()
+        return results
+
+    def _out_of_memory(self, error, how: str) -> str:
+        """Why a file failed: it does not fit in the device's memory even `how`."""
+        said = (str(error).strip().splitlines() or [""])[0][:200]
+        return f"out of memory on {self.device} even {how}" + (f" ({said})" if said else "")
 
 
 def durations(info, n_samples: int) -> dict:
