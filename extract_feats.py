@@ -512,7 +512,7 @@ def write_metadata(out: Path, args, layers, sha256: str, feature_names, provenan
     (UsageError naming what differs), or with --force they are removed, with manifest and
     predictions. `provenance` (see run_provenance) is added to the list of the distinct runs
     that wrote into OUT; it is a record for the reader, never compared. Returns the names of
-    the features removed."""
+    the features removed. (Why get_avg_pool.py deletes instead: soundnet_io, "Output files".)"""
     settings = {"sample_rate": SAMPLE_RATE, "weights_sha256": sha256,
                 "min_seconds": args.min_seconds, "tiling": TILING_RULE, "channel": args.channel}
     path = out / METADATA_FILE

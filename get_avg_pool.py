@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from soundnet_io import (CSV_LINE_END, METADATA_FILE, POOLS, SAMPLE_RATE, FrameGrid,
                          check_grid, csv_cell, load_pickled_npy, pool_windows,
-                         read_npy_header, remove_stale_partials, save_array, write_failure,
-                         write_text_atomic)
+                         pooled_to_float32, read_npy_header, remove_stale_partials, save_array,
+                         write_failure, write_text_atomic)
 
 DEFAULT_FEATURE = "conv7"
 MANIFEST = "manifest.csv"   # extract_feats.py's; --hop reads each clip's sample count there
@@ -133,12 +133,10 @@ def pool_frames(frames: np.ndarray, pool: str) -> np.ndarray:
     Sums accumulate in float64 so long files lose no precision. Raises BadArray when a value
     does not fit float32 (float64 input beyond +-3.4e38)."""
     vector = np.concatenate([REDUCTIONS[r](frames) for r in POOLS[pool]])
-    with np.errstate(over="ignore"):
-        pooled = vector.astype(np.float32)
-    if not np.isfinite(pooled).all():
-        raise BadArray(f"pooled values beyond the float32 range (largest magnitude "
-                       f"{np.abs(vector).max():.3g})")
-    return pooled
+    try:
+        return pooled_to_float32(vector)
+    except ValueError as e:
+        raise BadArray(str(e)) from None
 
 
 def is_done(src: Path, dst: Path) -> bool:
@@ -288,7 +286,9 @@ def claim_output(out_dir: Path, keys: list, settings: dict) -> bool:
 
     When OUT/pooling.json is missing or records other settings (another --pool or input), the
     vectors of `keys` are deleted before it is rewritten: otherwise a vector pooled the old way,
-    newer than its input, would pass the mtime check, even after an interrupted run."""
+    newer than its input, would pass the mtime check, even after an interrupted run. Silently,
+    where extract_feats.py refuses: vectors are cheap to pool again from RAW, which stays as it
+    is (soundnet_io, "Output files")."""
     path = out_dir / SETTINGS_FILE
     try:
         if json.loads(path.read_text(encoding="utf-8")) == settings:

@@ -431,14 +431,15 @@ def _describe_failure(path: Path, error: Exception, ffmpeg_said="") -> str:
     "File does not exist or is not a regular file" for a broken MP3 and ffmpeg "Invalid
     argument", so look at the bytes too."""
     with open(path, "rb") as f:
-        head = f.read(12)
+        first_bytes = f.read(12)
     if ffmpeg_said and "matches no streams" in ffmpeg_said:   # -map 0:a:0 found nothing
         return "no audio stream"
-    kind = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
-    container = next((name for magic, name in _CONTAINERS if head.startswith(magic)), None)
-    if head[4:8] == b"ftyp":
+    kind = next((name for magic, name in _SIGNATURES if first_bytes.startswith(magic)), None)
+    container = next((name for magic, name in _CONTAINERS if first_bytes.startswith(magic)),
+                     None)
+    if first_bytes[4:8] == b"ftyp":
         container = "MP4/MOV"
-    elif head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+    elif first_bytes.startswith(b"RIFF") and first_bytes[8:12] == b"AVI ":
         kind, container = None, "AVI"
     if kind:
         detail = str(error).strip()
@@ -826,11 +827,17 @@ def pool_windows(frames, layer, duration_seconds: float, hop: float, window: flo
         _weighted_pool(frames, *window_weights(starts[i:i + chunk], ends[i:i + chunk],
                                                len(frames), layer), pool)
         for i in range(0, len(starts), chunk)])
+    return pooled_to_float32(vectors)
+
+
+def pooled_to_float32(values: np.ndarray) -> np.ndarray:
+    """Pooled (float64) values as float32; ValueError when one does not fit float32 (beyond
+    +-3.4e38), naming the largest magnitude."""
     with np.errstate(over="ignore"):
-        pooled = vectors.astype(np.float32)
+        pooled = values.astype(np.float32)
     if not np.isfinite(pooled).all():
         raise ValueError(f"pooled values beyond the float32 range (largest magnitude "
-                         f"{np.abs(vectors).max():.3g})")
+                         f"{np.abs(values).max():.3g})")
     return pooled
 
 
