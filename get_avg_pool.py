@@ -381,7 +381,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fail(message: str) -> int:
+def error_exit(message: str) -> int:
+    """Say `message` on stderr as an error found before pooling; returns exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     return 2
 
@@ -461,17 +462,18 @@ def main(argv=None) -> int:
     try:
         feature_dir, keys, settings, pool_file = plan(args)
     except UsageError as e:
-        return fail(str(e))
+        return error_exit(str(e))
     if args.combined and COMBINED_MATRIX[:-len(".npy")] in keys:
-        return fail(f"{feature_dir / COMBINED_MATRIX} would be pooled onto {out_dir / COMBINED_MATRIX}, "
-                    "where --combined puts the matrix; rename it or drop --combined")
+        return error_exit(f"{feature_dir / COMBINED_MATRIX} would be pooled onto "
+                          f"{out_dir / COMBINED_MATRIX}, where --combined puts the matrix; "
+                          "rename it or drop --combined")
 
     start = time.perf_counter()
     try:
         reuse = claim_output(out_dir, keys, settings) and not args.force
         remove_stale_partials(out_dir)
     except OSError as e:
-        return fail(write_failure(e, out_dir))
+        return error_exit(write_failure(e, out_dir))
     show_bar = not args.quiet and sys.stderr.isatty()
     try:
         good, pooled, skipped = pool_tree(feature_dir, out_dir, keys, pool_file, reuse, show_bar)
