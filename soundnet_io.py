@@ -1,5 +1,6 @@
-"""Files in and out, without torch: audio decoding, atomic output writing, pooling frames onto
-a time grid, and reading pickled arrays without running code.
+"""Files in and out, without torch: audio decoding, output-folder safety for both command-line
+tools (atomic writes, the lock, CSV logs), pooling frames onto a time grid, and reading pickled
+arrays without running code.
 
 Kept apart from soundnet.py so decode worker processes and get_avg_pool.py need no torch (its
 import takes seconds and hundreds of MB per process: docs/performance.md, Memory). `soundnet`
@@ -662,6 +663,7 @@ def locked(out: Path):
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
+
 # -- Windows only: no fcntl, no os.kill(pid, 0) --------------------------------------------------
 # The tests run this code on Linux with fcntl hidden (tests/test_cli_robustness.py, section 12);
 # _windows_process_alive runs on Windows alone.
@@ -693,6 +695,8 @@ def lock_file(path: Path, poll: float = 0.02):
 
 
 def remove_if_stale(path: Path):
+    """Remove the lock file `path` if its holder died (see lock_file), unless it was taken
+    again meanwhile."""
     try:
         holder = path.read_text(encoding="utf-8")
         age = time.time() - path.stat().st_mtime
