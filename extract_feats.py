@@ -12,8 +12,6 @@ inputs ok, 1 some failed (all others done), 2 usage or configuration error (noth
 Decoding runs in worker processes, started before torch is imported, while the model runs here.
 """
 import argparse
-import csv
-import io
 import json
 import math
 import multiprocessing
@@ -24,12 +22,10 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -43,10 +39,9 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from soundnet_io import (CHANNEL_POLICIES, CSV_LINE_END, METADATA_FILE, MIN_SECONDS,
-                         RESAMPLING_RULE, SAMPLE_RATE, TILING_RULE, AudioError, atomic_write,
-                         csv_cell, csv_value, die_with_parent, ffmpeg_version, open_audio,
-                         process_alive,
+from soundnet_io import (CHANNEL_POLICIES, METADATA_FILE, MIN_SECONDS, RESAMPLING_RULE,
+                         SAMPLE_RATE, TILING_RULE, AudioError, CsvLog, atomic_write,
+                         die_with_parent, ffmpeg_version, locked, open_audio,
                          remove_stale_partials, save_array, tile_clip, write_failure)
 
 MANIFEST = "manifest.csv"
@@ -72,10 +67,6 @@ WINDOW_SECONDS = 1200.0
 CAN_PIN = hasattr(os, "sched_getaffinity")   # Linux: the cores this job was given
 CPUS = len(os.sched_getaffinity(0)) if CAN_PIN else os.cpu_count()
 THREAD_INTERVAL_SECONDS = 0.5   # the model's threads are chosen again at most this often
-LOCK_FILE = ".soundnet.lock"
-# Without fcntl (Windows) the lock is a file created exclusively. Holders keep it for
-# milliseconds, so one this old was left by a process that died (on any machine).
-STALE_LOCK_SECONDS = 600.0
 
 
 class UsageError(Exception):
@@ -471,65 +462,6 @@ class ModelThreads:
 # -- output files ---------------------------------------------------------------------------------
 
 @contextmanager
-def locked(out: Path):
-    """Serialise manifest and metadata updates between --shard processes on one OUT.
-    Where the system has fcntl (Linux, macOS, BSD): flock on OUT/.soundnet.lock, which the
-    kernel releases when its holder dies. Elsewhere (Windows): see lock_file."""
-    try:
-        import fcntl
-    except ImportError:
-        with lock_file(out / f"{LOCK_FILE}.held"):
-            yield
-        return
-    with open(out / LOCK_FILE, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextmanager
-def lock_file(path: Path, poll: float = 0.02):
-    """A lock held by creating `path` exclusively (O_CREAT | O_EXCL: atomic on every system
-    and on network file systems), holding "host pid token". A waiter takes over one whose
-    holder died: a pid not running on this host, or older than STALE_LOCK_SECONDS."""
-    me = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            remove_if_stale(path)
-            time.sleep(poll)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(me)
-        break
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def remove_if_stale(path: Path):
-    try:
-        holder = path.read_text(encoding="utf-8")
-        age = time.time() - path.stat().st_mtime
-    except (FileNotFoundError, UnicodeDecodeError):
-        return
-    host, _, rest = holder.partition(" ")
-    pid = rest.split(" ")[0]
-    dead = host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
-    # An empty holder: created, not yet written (or died in between).
-    if dead or age > (STALE_LOCK_SECONDS if holder else 10.0):
-        try:
-            if path.read_text(encoding="utf-8") == holder:   # not retaken meanwhile
-                path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-@contextmanager
 def writing_into(out: Path):
     """OSError from writing into OUT -> OutputFailed, one line naming OUT and the reason."""
     try:
@@ -574,74 +506,13 @@ class Writer:
                     self.error = e
 
 
-class CsvLog:
-    """A CSV written as you go (rows appended under the lock, so an interrupted run keeps what
-    it did) and compacted at the end of a run: the last row per key, sorted, atomically."""
-
-    def __init__(self, path: Path, fields, key_fields):
-        self.path, self.fields, self.key_fields = path, fields, key_fields
-
-    def append(self, rows):
-        """Whole rows or nothing: a write that fails (full disk) is cut back off the file."""
-        text = io.StringIO()
-        self._write(text, rows)
-        with locked(self.path.parent), open(self.path, "ab", buffering=0) as f:
-            start = f.seek(0, os.SEEK_END)
-            header = "" if start else ",".join(self.fields) + CSV_LINE_END
-            try:
-                write_all(f, (header + text.getvalue()).encode("utf-8", "surrogateescape"))
-            except OSError:
-                f.truncate(start)
-                raise
-
-    def rows(self) -> dict:
-        """{key: last row for it}, the values as written (csv_cell's escape undone). Reads
-        the CRLF line ends of older versions too."""
-        if not self.path.exists():
-            return {}
-        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = ({k: csv_value(v) if isinstance(v, str) else v for k, v in r.items()}
-                    for r in csv.DictReader(f))
-            return {tuple(r[k] for k in self.key_fields): r for r in rows}
-
-    def _write(self, f, rows):
-        """rows (dicts) into f, with "\n" line ends and cells escaped by csv_cell."""
-        csv.DictWriter(f, self.fields, extrasaction="ignore", lineterminator=CSV_LINE_END
-                       ).writerows({k: "" if v is None else csv_cell(v) for k, v in row.items()}
-                                   for row in rows)
-
-    def has_header(self) -> bool:
-        """Whether the file is missing or starts with this log's header (an older manifest
-        has fewer columns: compact it before appending)."""
-        if not self.path.exists():
-            return True
-        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            return next(csv.reader(f), None) == self.fields
-
-    def compact(self, keep=lambda row: True):
-        """Rewrite the file: the last row per key for which keep(row), sorted."""
-        with locked(self.path.parent):
-            rows = self.rows()
-            with atomic_write(self.path, "w", newline="", encoding="utf-8",
-                              errors="surrogateescape") as f:
-                f.write(",".join(self.fields) + CSV_LINE_END)
-                self._write(f, (row for _, row in sorted(rows.items()) if keep(row)))
-
-
-def write_all(f, data: bytes):
-    """Write all of `data` to the unbuffered binary file f (a raw write may write less)."""
-    view = memoryview(data)
-    while view:
-        view = view[f.write(view):]
-
-
 def write_metadata(out: Path, args, layers, sha256: str, feature_names, provenance=None) -> list:
     """OUT/soundnet.json: what a reader needs to interpret the arrays. Arrays made with other
     settings (or found without a soundnet.json) must not stay beside them: the run is refused
     (UsageError naming what differs), or with --force they are removed, with manifest and
     predictions. `provenance` (see run_provenance) is added to the list of the distinct runs
     that wrote into OUT; it is a record for the reader, never compared. Returns the names of
-    the features removed."""
+    the features removed. (Why get_avg_pool.py deletes instead: soundnet_io, "Output files".)"""
     settings = {"sample_rate": SAMPLE_RATE, "weights_sha256": sha256,
                 "min_seconds": args.min_seconds, "tiling": TILING_RULE, "channel": args.channel}
     path = out / METADATA_FILE
@@ -749,13 +620,15 @@ def main(argv=None) -> int:
         return 2
     decoders = Decoders(min(args.workers, len(found)), args.channel)   # before torch
     try:
-        return run(args, found, decoders)
+        return extract_all(args, found, decoders)
     finally:
         decoders.close()
 
 
-def run(args, found: dict, decoders: Decoders) -> int:
-    """found: {output key: (input path, path relative to the root)}."""
+def extract_all(args, found: dict, decoders: Decoders) -> int:
+    """Load the model, claim OUT, then run every file of `found` through a Batcher into a
+    Ledger; returns the exit status. found: {output key: (input path, path relative to the
+    root)}."""
     import torch
     import soundnet
 
@@ -773,18 +646,26 @@ def run(args, found: dict, decoders: Decoders) -> int:
     try:
         with writing_into(args.output):
             args.output.mkdir(parents=True, exist_ok=True)
-            names = {layer.name for layer in soundnet.LAYERS.values()}
-            removed = write_metadata(args.output, args, layers, net.weights_sha256, names,
-                                     run_provenance(args, device, net, torch))
+            feature_names = {layer.name for layer in soundnet.LAYERS.values()}
+            removed = write_metadata(args.output, args, layers, net.weights_sha256,
+                                     feature_names, run_provenance(args, device, net, torch))
             remove_stale_partials(args.output)
-            job = Extraction(args, net, layers, device, found)
+            batch_size = args.batch_size or (CPU_BATCH_SIZE if device == "cpu"
+                                             else GPU_BATCH_SIZE)
+            names = list(dict.fromkeys(layer.name for layer in layers))
+            heads = list(HEADS) if args.topk else []
+            # a window's files can be handed over while the model runs the next window
+            ledger = Ledger(args.output, found, names, heads, args.topk, args.quiet,
+                            max_queued=WINDOW_BATCHES * batch_size)
+            batcher = Batcher(net, list(dict.fromkeys(names + heads)), names, device,
+                              batch_size, args.min_seconds, ledger)
     except (UsageError, OutputFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if removed:
         print(f"removed {', '.join(removed)} from {args.output} (made with other settings)",
               file=sys.stderr)
-    todo = [k for k in inputs if args.force or not job.done(k)]
+    todo = [k for k in inputs if args.force or not ledger.done(k)]
     stop = StopRequest()
     decoders.start([inputs[k] for k in todo], stopping=stop.requested)
     interrupted, stopped = False, None
@@ -795,7 +676,7 @@ def run(args, found: dict, decoders: Decoders) -> int:
             if stop.requested():   # the rows stay as they were
                 break
             if key not in todo_keys:
-                job.skip(key)
+                ledger.skip(key)
         threads = ModelThreads(torch, max(1, CPUS - len(decoders.workers)))
         for i, key in enumerate(todo):
             if stop.requested():
@@ -804,46 +685,47 @@ def run(args, found: dict, decoders: Decoders) -> int:
             try:
                 info, blocks = decoders.file(i)
                 blocks = stop.checked(blocks)
-                head = []   # read whole when short: tiling and batching need the whole file
+                # read whole when short: tiling and batching need the whole file
+                first_blocks = []
                 for block in blocks:
-                    head.append(block)
+                    first_blocks.append(block)
                     n_samples += len(block)
-                    if n_samples > job.stream_above:
+                    if n_samples > batcher.stream_above:
                         break
-                if n_samples > job.stream_above:
-                    job.stream(key, info, chain(head, blocks))
+                if n_samples > batcher.stream_above:
+                    batcher.stream(key, info, chain(first_blocks, blocks))
                 else:
-                    job.add(key, info, head)
+                    batcher.add(key, info, first_blocks)
             except (AudioError, ValueError) as e:
-                job.fail(key, inputs[key], e, info, n_samples)
+                ledger.fail(key, e, info, n_samples)
             except Interrupted:   # a stop while this file was read: it is left for a re-run
                 break
             threads.update()
-        job.flush()   # also after a stop: the files already decoded
+        batcher.flush()   # also after a stop: the files already decoded
     except KeyboardInterrupt:   # a second Ctrl-C or SIGTERM (or Ctrl-C outside the main thread)
         interrupted = True
     except OutputFailed as e:   # full disk: every later file would fail the same way
         stopped = str(e)
     finally:
         try:
-            job.close()
+            ledger.close()
         except OutputFailed as e:   # rows stay appended, uncompacted: still readable
             stopped = stopped or str(e)
         finally:
             stop.restore()
     interrupted = interrupted or stop.requested()
     if stopped:
-        c = job.counts
+        c = ledger.counts
         print(f"error: {stopped}; stopped after {c['ok']} ok, {c['failed']} failed, "
               f"{c['skipped']} skipped (recorded in {args.output / MANIFEST}); make room and "
               "run again to do the rest", file=sys.stderr)
         return 1
     if args.topk and not interrupted:
         print(predictions_table(args.output / PREDICTIONS, list(inputs)), flush=True)
-    print(job.summary() + (" (interrupted)" if interrupted else ""), file=sys.stderr)
+    print(ledger.summary() + (" (interrupted)" if interrupted else ""), file=sys.stderr)
     if interrupted:
         return 128 + (stop.signal or signal.SIGINT)   # 130 for Ctrl-C, 143 for SIGTERM
-    return 1 if job.counts["failed"] else 0
+    return 1 if ledger.counts["failed"] else 0
 
 
 class StopRequest:
@@ -885,49 +767,33 @@ class StopRequest:
             pass
 
 
-class Extraction:
-    """The outputs of one run: feature arrays, manifest and predictions rows, counts, the
-    progress bar; and the batching of short files."""
+class Ledger:
+    """The outputs of one run in OUT: each file's feature arrays and manifest row, its
+    predictions with --topk, the counts and the progress bar. Rows and arrays are written in
+    the order they are handed over, by a writer thread (see Writer), off the model's path."""
 
-    def __init__(self, args, net, layers, device: str, found: dict):
-        """found: {output key: (input path, that path relative to the root)}."""
+    def __init__(self, out: Path, found: dict, names: list, heads: list, topk: int,
+                 quiet: bool, max_queued: int):
+        """found: {output key: (input path, that path relative to the root)}; names: the
+        features saved; heads: those ranked for predictions.csv (HEADS with --topk, else none),
+        topk ranks each; max_queued: files handed over that may wait for the writer."""
         import soundnet
-        import torch
-        self.soundnet, self.args, self.net, self.out = soundnet, args, net, args.output
-        self.device, self.torch = device, torch
+        self.soundnet, self.out = soundnet, out
+        self.names, self.heads, self.topk = names, heads, topk
         self.paths = {key: path for key, (path, _) in found.items()}
         self.sources = {key: relative for key, (_, relative) in found.items()}   # manifest
-        self.names = list(dict.fromkeys(layer.name for layer in layers))
-        self.heads = list(HEADS) if args.topk else []
-        self.computed = list(dict.fromkeys(self.names + self.heads))
-        self.longest_minimum = max(map(soundnet.get_layer, self.computed),
-                                   key=lambda layer: layer.min_samples)
-        self.stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)  # longer: streamed
-        self.use_batch_size(args.batch_size or (CPU_BATCH_SIZE if device == "cpu"
-                                                else GPU_BATCH_SIZE))
-        self.window = []   # [(key, info, n_samples, tiled wave)] waiting for a batch
-        self.window_samples = 0   # of the tiled waves in it
-        self.window_limit = WINDOW_SECONDS * self.batch_size / CPU_BATCH_SIZE * SAMPLE_RATE
-        self.manifest = CsvLog(self.out / MANIFEST, MANIFEST_FIELDS, ["path"])
-        self.predictions = CsvLog(self.out / PREDICTIONS, PREDICTION_FIELDS,
-                                  ["path", "head", "rank"])
+        self.manifest = CsvLog(out / MANIFEST, MANIFEST_FIELDS, ["path"])
+        self.predictions = CsvLog(out / PREDICTIONS, PREDICTION_FIELDS, ["path", "head", "rank"])
         for log in (self.manifest, self.predictions):
             if not log.has_header():   # written by an older version: add the new columns
                 log.compact()
         self.previous = self.manifest.rows()
-        self.ranked = self.predictions.rows() if self.heads else {}
+        self.ranked = self.predictions.rows() if heads else {}
         self.failed_keys = set()
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.audio_seconds, self.started = 0.0, time.perf_counter()
-        self.bar = tqdm(total=len(found), unit="file", disable=args.quiet or None,
-                        dynamic_ncols=True)
-        # a window's files can be handed over while the model runs the next window
-        self.writer = Writer(WINDOW_BATCHES * self.batch_size)
-
-    def use_batch_size(self, files: int):
-        self.batch_size = files
-        # padded audio per network call, in proportion to the batch size (memory)
-        self.batch_seconds = self.soundnet.BATCH_SECONDS * files / self.soundnet.BATCH_SIZE
+        self.bar = tqdm(total=len(found), unit="file", disable=quiet or None, dynamic_ncols=True)
+        self.writer = Writer(max_queued)
 
     def done(self, key: str) -> bool:
         """Whether everything this run asks for exists: the arrays, recorded in the manifest
@@ -963,106 +829,8 @@ class Extraction:
     def _ranked(self, key: str) -> bool:
         """Whether predictions.csv has ranks 1..K of both heads for key."""
         return all((key, head, str(rank)) in self.ranked for head in self.heads
-                   for rank in range(1, min(self.args.topk,
+                   for rank in range(1, min(self.topk,
                                             self.soundnet.get_layer(head).channels) + 1))
-
-    # -- one file ---------------------------------------------------------------------------------
-
-    def stream(self, key, info, blocks):
-        """A long file, through the model in chunks."""
-        n_samples = 0
-
-        def counted():
-            nonlocal n_samples
-            for block in blocks:
-                n_samples += len(block)
-                yield block
-        try:
-            feats = self.net.extract_stream(counted(), self.computed)
-        except self.torch.cuda.OutOfMemoryError as e:
-            reason = self._out_of_memory(e, "in chunks")
-        else:
-            return self.save(key, info, n_samples, feats)
-        self.torch.cuda.empty_cache()
-        for _ in counted():   # the rest of the file, so the next file's blocks come next
-            pass
-        self.fail(key, self.paths[key], reason, info, n_samples)
-
-    def add(self, key, info, blocks: list):
-        """A short file, whole: tiled to --min-seconds, then run in a batch with files of
-        similar length (any lengths batch exactly: SoundNet.extract_many)."""
-        # one block (a clip up to ~10 s, or an MP3 read whole) needs no copy
-        wave = blocks[0] if len(blocks) == 1 else np.concatenate([np.zeros(0, np.float32),
-                                                                  *blocks])
-        n_samples = len(wave)
-        if n_samples == 0:
-            raise AudioError("no samples (decodes to 0 samples)")
-        wave = tile_clip(wave, self.args.min_seconds)
-        if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
-            raise ValueError(self.too_short(len(wave)))
-        self.window.append((key, info, n_samples, wave))
-        self.window_samples += len(wave)
-        if (len(self.window) >= WINDOW_BATCHES * self.batch_size
-                or self.window_samples >= self.window_limit):
-            self.flush()
-
-    def too_short(self, n_samples: int) -> str:
-        """Why a (tiled) clip of n_samples cannot give every feature asked for, naming those
-        that need more and how to drop them or tile to their length."""
-        short = [name for name in self.computed
-                 if self.soundnet.get_layer(name).min_samples > n_samples]
-        others = [name for name in self.names if name not in short]
-        fixes = []
-        if others and len(others) < len(self.names):   # some features asked for can be had
-            fixes.append(f"take the others alone (--features {' '.join(others)})")
-        if any(name not in self.names for name in short):   # heads computed only to rank
-            fixes.append("drop --topk")
-        need = self.longest_minimum.min_samples / SAMPLE_RATE
-        fixes.append(f"tile short clips to at least {need:.2f} s (--min-seconds "
-                     f"{math.ceil(need)})")
-        return (f"{self.soundnet.too_short_message(self.longest_minimum, n_samples)}; too "
-                f"short for {', '.join(short)}: {', or '.join(fixes)}")
-
-    def flush(self):
-        """Run the files waiting in the window (extract_many sorts them by length)."""
-        window, self.window, self.window_samples = self.window, [], 0
-        if window:
-            feats = self._run_batched([wave for *_, wave in window])
-            for (key, info, n_samples, _), f in zip(window, feats):
-                if isinstance(f, str):
-                    self.fail(key, self.paths[key], f, info, n_samples)
-                else:
-                    self.save(key, info, n_samples, f)
-
-    def _run_batched(self, waves: list) -> list:
-        """extract_many of the waves; out of memory, again in batches half as large (kept
-        for the rest of the run), then one at a time. Returns their features, or for a wave
-        that does not fit even alone the reason, a string."""
-        while self.batch_size > 1:
-            try:
-                return self.net.extract_many(waves, self.computed, batch_size=self.batch_size,
-                                             batch_seconds=self.batch_seconds)
-            except self.torch.cuda.OutOfMemoryError:
-                pass
-            self.torch.cuda.empty_cache()   # the error (and the tensors it held) is gone here
-            self.use_batch_size(self.batch_size // 2)
-            tqdm.write(f"out of memory on {self.device}: batches of {self.batch_size} files "
-                       "from now on", file=sys.stderr)
-        results = []
-        for wave in waves:   # one at a time: only those that do not fit alone fail
-            try:
-                results += self.net.extract_many([wave], self.computed, batch_size=1)
-            except self.torch.cuda.OutOfMemoryError as e:
-                results.append(self._out_of_memory(e, "alone"))
-            self.torch.cuda.empty_cache()
-        return results
-
-    def _out_of_memory(self, error, how: str) -> str:
-        """Why a file failed: it does not fit in the device's memory even `how`."""
-        said = (str(error).strip().splitlines() or [""])[0][:200]
-        return f"out of memory on {self.device} even {how}" + (f" ({said})" if said else "")
-
-    # -- rows ---------------------------------------------------------------------------------------
 
     def save(self, key, info, n_samples, feats):
         """Hand a file's arrays and row to the writer thread (feats: {name: (frames, C)})."""
@@ -1080,7 +848,10 @@ class Extraction:
                 save_array(self.out / name / f"{key}.npy", feats[name])
         self._record(row, feats)
 
-    def fail(self, key, path, error, info=None, n_samples=0):
+    def fail(self, key, error, info=None, n_samples=0):
+        """Record that key's file failed: `error` (a message or an exception) said on stderr
+        and in its row, which names the input path."""
+        path = self.paths[key]
         message = str(error) if str(error).startswith(str(path)) else f"{path}: {error}"
         row = {"path": key, "status": "failed", "error": message}
         if info is not None:
@@ -1117,7 +888,7 @@ class Extraction:
                      "probability": f"{p:.6f}"}
                     for h in self.heads
                     for rank, (label, p) in enumerate(
-                        self.soundnet.top_labels(heads[h], h, self.args.topk), 1))
+                        self.soundnet.top_labels(heads[h], h, self.topk), 1))
         self.counts[counted] += 1
         if counted != "skipped":
             self.audio_seconds += float(row.get("seconds") or 0)
@@ -1138,7 +909,7 @@ class Extraction:
         with writing_into(self.out):
             self.manifest.compact()
             if self.heads:
-                self.predictions.compact(lambda row: int(row["rank"]) <= self.args.topk
+                self.predictions.compact(lambda row: int(row["rank"]) <= self.topk
                                          and row["path"] not in self.failed_keys)
 
     def summary(self) -> str:
@@ -1146,6 +917,130 @@ class Extraction:
         return (f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped; "
                 f"{self.audio_seconds / 3600:.2f} h of audio in {self.elapsed():.1f} s "
                 f"({self.audio_seconds / self.elapsed():.0f}x realtime)")
+
+
+class Batcher:
+    """Runs the files through the model: one longer than soundnet.CHUNK_SECONDS streams alone
+    in chunks; shorter ones are tiled to min_seconds and wait in a window of up to
+    WINDOW_BATCHES batches, then run in batches of similar length (SoundNet.extract_many).
+    Out of memory, batches are halved for the rest of the run. Each file's features, or why
+    it failed, go to the ledger."""
+
+    def __init__(self, net, computed: list, names: list, device: str, batch_size: int,
+                 min_seconds: float, ledger: Ledger):
+        """computed: the features the model gives (names, saved, and the heads ranked);
+        batch_size: files per network call to start with."""
+        import soundnet
+        import torch
+        self.soundnet, self.torch, self.net, self.device = soundnet, torch, net, device
+        self.computed, self.names = computed, names
+        self.min_seconds, self.ledger = min_seconds, ledger
+        self.longest_minimum = max(map(soundnet.get_layer, computed),
+                                   key=lambda layer: layer.min_samples)
+        self.stream_above = int(soundnet.CHUNK_SECONDS * SAMPLE_RATE)  # longer: streamed
+        self.use_batch_size(batch_size)
+        self.window = []   # [(key, info, n_samples, tiled wave)] waiting for a batch
+        self.window_samples = 0   # of the tiled waves in it
+        self.window_limit = WINDOW_SECONDS * batch_size / CPU_BATCH_SIZE * SAMPLE_RATE
+
+    def use_batch_size(self, files: int):
+        self.batch_size = files
+        # padded audio per network call, in proportion to the batch size (memory)
+        self.batch_seconds = self.soundnet.BATCH_SECONDS * files / self.soundnet.BATCH_SIZE
+
+    def stream(self, key, info, blocks):
+        """A long file, through the model in chunks."""
+        n_samples = 0
+
+        def counted():
+            nonlocal n_samples
+            for block in blocks:
+                n_samples += len(block)
+                yield block
+        try:
+            feats = self.net.extract_stream(counted(), self.computed)
+        except self.torch.cuda.OutOfMemoryError as e:
+            reason = self._out_of_memory(e, "in chunks")
+        else:
+            return self.ledger.save(key, info, n_samples, feats)
+        self.torch.cuda.empty_cache()
+        for _ in counted():   # the rest of the file, so the next file's blocks come next
+            pass
+        self.ledger.fail(key, reason, info, n_samples)
+
+    def add(self, key, info, blocks: list):
+        """A short file, whole: tiled to min_seconds, then run in a batch with files of
+        similar length (any lengths batch exactly: SoundNet.extract_many)."""
+        # one block (a clip up to ~10 s, or an MP3 read whole) needs no copy
+        wave = blocks[0] if len(blocks) == 1 else np.concatenate([np.zeros(0, np.float32),
+                                                                  *blocks])
+        n_samples = len(wave)
+        if n_samples == 0:
+            raise AudioError("no samples (decodes to 0 samples)")
+        wave = tile_clip(wave, self.min_seconds)
+        if len(wave) < self.longest_minimum.min_samples:   # fail it here, not its batch
+            raise ValueError(self.too_short(len(wave)))
+        self.window.append((key, info, n_samples, wave))
+        self.window_samples += len(wave)
+        if (len(self.window) >= WINDOW_BATCHES * self.batch_size
+                or self.window_samples >= self.window_limit):
+            self.flush()
+
+    def too_short(self, n_samples: int) -> str:
+        """Why a (tiled) clip of n_samples cannot give every feature asked for, naming those
+        that need more and how to drop them or tile to their length."""
+        short = [name for name in self.computed
+                 if self.soundnet.get_layer(name).min_samples > n_samples]
+        others = [name for name in self.names if name not in short]
+        fixes = []
+        if others and len(others) < len(self.names):   # some features asked for can be had
+            fixes.append(f"take the others alone (--features {' '.join(others)})")
+        if any(name not in self.names for name in short):   # heads computed only to rank
+            fixes.append("drop --topk")
+        need = self.longest_minimum.min_samples / SAMPLE_RATE
+        fixes.append(f"tile short clips to at least {need:.2f} s (--min-seconds "
+                     f"{math.ceil(need)})")
+        return (f"{self.soundnet.too_short_message(self.longest_minimum, n_samples)}; too "
+                f"short for {', '.join(short)}: {', or '.join(fixes)}")
+
+    def flush(self):
+        """Run the files waiting in the window (extract_many sorts them by length)."""
+        window, self.window, self.window_samples = self.window, [], 0
+        if window:
+            feats = self._extract_batched([wave for *_, wave in window])
+            for (key, info, n_samples, _), f in zip(window, feats):
+                if isinstance(f, str):
+                    self.ledger.fail(key, f, info, n_samples)
+                else:
+                    self.ledger.save(key, info, n_samples, f)
+
+    def _extract_batched(self, waves: list) -> list:
+        """extract_many of the waves; out of memory, again in batches half as large (kept
+        for the rest of the run), then one at a time. Returns their features, or for a wave
+        that does not fit even alone the reason, a string."""
+        while self.batch_size > 1:
+            try:
+                return self.net.extract_many(waves, self.computed, batch_size=self.batch_size,
+                                             batch_seconds=self.batch_seconds)
+            except self.torch.cuda.OutOfMemoryError:
+                pass
+            self.torch.cuda.empty_cache()   # the error (and the tensors it held) is gone here
+            self.use_batch_size(self.batch_size // 2)
+            tqdm.write(f"out of memory on {self.device}: batches of {self.batch_size} files "
+                       "from now on", file=sys.stderr)
+        results = []
+        for wave in waves:   # one at a time: only those that do not fit alone fail
+            try:
+                results += self.net.extract_many([wave], self.computed, batch_size=1)
+            except self.torch.cuda.OutOfMemoryError as e:
+                results.append(self._out_of_memory(e, "alone"))
+            self.torch.cuda.empty_cache()
+        return results
+
+    def _out_of_memory(self, error, how: str) -> str:
+        """Why a file failed: it does not fit in the device's memory even `how`."""
+        said = (str(error).strip().splitlines() or [""])[0][:200]
+        return f"out of memory on {self.device} even {how}" + (f" ({said})" if said else "")
 
 
 def durations(info, n_samples: int) -> dict:

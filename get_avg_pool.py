@@ -29,8 +29,9 @@ import numpy as np
 from tqdm import tqdm
 
 from soundnet_io import (CSV_LINE_END, METADATA_FILE, POOLS, SAMPLE_RATE, FrameGrid,
-                         atomic_write, check_grid, csv_cell, load_pickled_npy, pool_windows,
-                         read_npy_header, remove_stale_partials, save_array, write_failure)
+                         check_grid, csv_cell, load_pickled_npy, pool_windows,
+                         pooled_to_float32, read_npy_header, remove_stale_partials, save_array,
+                         write_failure, write_text_atomic)
 
 DEFAULT_FEATURE = "conv7"
 MANIFEST = "manifest.csv"   # extract_feats.py's; --hop reads each clip's sample count there
@@ -132,12 +133,10 @@ def pool_frames(frames: np.ndarray, pool: str) -> np.ndarray:
     Sums accumulate in float64 so long files lose no precision. Raises BadArray when a value
     does not fit float32 (float64 input beyond +-3.4e38)."""
     vector = np.concatenate([REDUCTIONS[r](frames) for r in POOLS[pool]])
-    with np.errstate(over="ignore"):
-        pooled = vector.astype(np.float32)
-    if not np.isfinite(pooled).all():
-        raise BadArray(f"pooled values beyond the float32 range (largest magnitude "
-                       f"{np.abs(vector).max():.3g})")
-    return pooled
+    try:
+        return pooled_to_float32(vector)
+    except ValueError as e:
+        raise BadArray(str(e)) from None
 
 
 def is_done(src: Path, dst: Path) -> bool:
@@ -165,12 +164,6 @@ def find_inputs(feature_dir: Path) -> list:
     keys = [p.relative_to(feature_dir).as_posix()[:-len(".npy")]
             for p in feature_dir.rglob("*.npy") if p.is_file() and not p.name.startswith(".")]
     return sorted(keys)
-
-
-def write_text_atomic(path: Path, text: str):
-    # surrogateescape: file names that are not valid UTF-8 still round-trip.
-    with atomic_write(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        f.write(text)
 
 
 def read_extraction(raw: Path, feature: str) -> dict:
@@ -293,7 +286,9 @@ def claim_output(out_dir: Path, keys: list, settings: dict) -> bool:
 
     When OUT/pooling.json is missing or records other settings (another --pool or input), the
     vectors of `keys` are deleted before it is rewritten: otherwise a vector pooled the old way,
-    newer than its input, would pass the mtime check, even after an interrupted run."""
+    newer than its input, would pass the mtime check, even after an interrupted run. Silently,
+    where extract_feats.py refuses: vectors are cheap to pool again from RAW, which stays as it
+    is (soundnet_io, "Output files")."""
     path = out_dir / SETTINGS_FILE
     try:
         if json.loads(path.read_text(encoding="utf-8")) == settings:
@@ -386,7 +381,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fail(message: str) -> int:
+def error_exit(message: str) -> int:
+    """Say `message` on stderr as an error found before pooling; returns exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     return 2
 
@@ -466,17 +462,18 @@ def main(argv=None) -> int:
     try:
         feature_dir, keys, settings, pool_file = plan(args)
     except UsageError as e:
-        return fail(str(e))
+        return error_exit(str(e))
     if args.combined and COMBINED_MATRIX[:-len(".npy")] in keys:
-        return fail(f"{feature_dir / COMBINED_MATRIX} would be pooled onto {out_dir / COMBINED_MATRIX}, "
-                    "where --combined puts the matrix; rename it or drop --combined")
+        return error_exit(f"{feature_dir / COMBINED_MATRIX} would be pooled onto "
+                          f"{out_dir / COMBINED_MATRIX}, where --combined puts the matrix; "
+                          "rename it or drop --combined")
 
     start = time.perf_counter()
     try:
         reuse = claim_output(out_dir, keys, settings) and not args.force
         remove_stale_partials(out_dir)
     except OSError as e:
-        return fail(write_failure(e, out_dir))
+        return error_exit(write_failure(e, out_dir))
     show_bar = not args.quiet and sys.stderr.isatty()
     try:
         good, pooled, skipped = pool_tree(feature_dir, out_dir, keys, pool_file, reuse, show_bar)

@@ -1,9 +1,10 @@
-"""Files in and out, without torch: audio decoding, atomic output writing, pooling frames onto
-a time grid, and reading pickled arrays without running code.
+"""Files in and out, without torch: audio decoding, output-folder safety for both command-line
+tools (atomic writes, the lock, CSV logs), pooling frames onto a time grid, and reading pickled
+arrays without running code.
 
 Kept apart from soundnet.py so decode worker processes and get_avg_pool.py need no torch (its
-import takes seconds and about 400 MB per process). `soundnet` re-exports `load_audio`,
-`open_audio`, `AudioError` and `pool_windows`.
+import takes seconds and hundreds of MB per process: docs/performance.md, Memory). `soundnet`
+re-exports `load_audio`, `open_audio`, `AudioError` and `pool_windows`.
 
     info, blocks = open_audio("clip.mp3")   # info.sample_rate, info.channels of the file
     for block in blocks: ...                # (n,) float32 at 22050 Hz, ~10 s each
@@ -12,15 +13,18 @@ import takes seconds and about 400 MB per process). `soundnet` re-exports `load_
     save_array("out/clip.npy", features)    # a plain .npy, written atomically
     rows = pool_windows(frames, layer, seconds, hop=1.0)   # (ceil(seconds), C): 1-s segments
 """
+import csv
 import ctypes
 import errno
 import importlib
+import io
 import math
 import os
 import pickle
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -428,14 +432,15 @@ def _describe_failure(path: Path, error: Exception, ffmpeg_said="") -> str:
     "File does not exist or is not a regular file" for a broken MP3 and ffmpeg "Invalid
     argument", so look at the bytes too."""
     with open(path, "rb") as f:
-        head = f.read(12)
+        first_bytes = f.read(12)
     if ffmpeg_said and "matches no streams" in ffmpeg_said:   # -map 0:a:0 found nothing
         return "no audio stream"
-    kind = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
-    container = next((name for magic, name in _CONTAINERS if head.startswith(magic)), None)
-    if head[4:8] == b"ftyp":
+    kind = next((name for magic, name in _SIGNATURES if first_bytes.startswith(magic)), None)
+    container = next((name for magic, name in _CONTAINERS if first_bytes.startswith(magic)),
+                     None)
+    if first_bytes[4:8] == b"ftyp":
         container = "MP4/MOV"
-    elif head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+    elif first_bytes.startswith(b"RIFF") and first_bytes[8:12] == b"AVI ":
         kind, container = None, "AVI"
     if kind:
         detail = str(error).strip()
@@ -455,6 +460,16 @@ def _describe_failure(path: Path, error: Exception, ffmpeg_said="") -> str:
 # ---------------------------------------------------------------------------------------------
 # Output files
 # ---------------------------------------------------------------------------------------------
+# Both command-line tools keep their output folder safe with these: every file is written
+# atomically (atomic_write, save_array, write_text_atomic), temporaries of killed writers are
+# removed (remove_stale_partials), CSV logs are appended and compacted under a lock that --shard
+# processes share (CsvLog, locked), and a settings record in OUT says how its files were made.
+# When that record names other settings than a run's, the two tools differ, on purpose:
+# - extract_feats.py (OUT/soundnet.json, its write_metadata) refuses the run unless --force:
+#   its arrays are expensive to make (decoding and the network, hours for a large corpus) and
+#   are the data everything else is derived from.
+# - get_avg_pool.py (OUT/pooling.json, its claim_output) deletes the old vectors silently and
+#   pools again: they are cheap to recompute, and derived from RAW, which stays as it is.
 METADATA_FILE = "soundnet.json"   # extract_feats.py's settings in OUT; get_avg_pool.py reads it
 FULL_DEVICE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # An interrupted writer's temporary: .<name>.<pid>.<8 hex>.partial (see atomic_write).
@@ -468,6 +483,7 @@ CSV_LINE_END = "\n"   # as every other file here; the csv module's default is "\
 # starting with the escape itself, are written with CSV_ESCAPE in front (see csv_cell).
 CSV_ESCAPE = "'"
 CSV_ESCAPED_STARTS = ("=", "+", "-", "@", "\t", "\r", CSV_ESCAPE)
+LOCK_FILE = ".soundnet.lock"   # in OUT: see locked
 
 @contextmanager
 def atomic_write(path, mode: str = "wb", **open_kwargs):
@@ -486,6 +502,13 @@ def atomic_write(path, mode: str = "wb", **open_kwargs):
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path, text: str):
+    """Write `text` to `path` as UTF-8, atomically (see atomic_write), line ends as they are;
+    surrogateescape: file names that are not valid UTF-8 still round-trip."""
+    with atomic_write(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        f.write(text)
 
 
 def csv_cell(value) -> str:
@@ -551,14 +574,7 @@ def process_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     if os.name == "nt":   # os.kill(pid, 0) would terminate the process on Windows
-        kernel32 = ctypes.windll.kernel32
-        handle = kernel32.OpenProcess(0x1000, False, pid)   # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return ctypes.GetLastError() == 5   # access denied: it exists
-        code = ctypes.c_ulong()
-        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        kernel32.CloseHandle(handle)
-        return not ok or code.value == 259   # STILL_ACTIVE
+        return _windows_process_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -566,6 +582,148 @@ def process_alive(pid: int) -> bool:
     except PermissionError:   # exists, owned by another user
         return True
     return True
+
+
+class CsvLog:
+    """A CSV written as you go (rows appended under the lock, so an interrupted run keeps what
+    it did) and compacted at the end of a run: the last row per key, sorted, atomically."""
+
+    def __init__(self, path: Path, fields, key_fields):
+        self.path, self.fields, self.key_fields = path, fields, key_fields
+
+    def append(self, rows):
+        """Whole rows or nothing: a write that fails (full disk) is cut back off the file."""
+        text = io.StringIO()
+        self._write(text, rows)
+        with locked(self.path.parent), open(self.path, "ab", buffering=0) as f:
+            start = f.seek(0, os.SEEK_END)
+            header = "" if start else ",".join(self.fields) + CSV_LINE_END
+            try:
+                write_all(f, (header + text.getvalue()).encode("utf-8", "surrogateescape"))
+            except OSError:
+                f.truncate(start)
+                raise
+
+    def rows(self) -> dict:
+        """{key: last row for it}, the values as written (csv_cell's escape undone). Reads
+        the CRLF line ends of older versions too."""
+        if not self.path.exists():
+            return {}
+        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = ({k: csv_value(v) if isinstance(v, str) else v for k, v in r.items()}
+                    for r in csv.DictReader(f))
+            return {tuple(r[k] for k in self.key_fields): r for r in rows}
+
+    def _write(self, f, rows):
+        """rows (dicts) into f, with "\n" line ends and cells escaped by csv_cell."""
+        csv.DictWriter(f, self.fields, extrasaction="ignore", lineterminator=CSV_LINE_END
+                       ).writerows({k: "" if v is None else csv_cell(v) for k, v in row.items()}
+                                   for row in rows)
+
+    def has_header(self) -> bool:
+        """Whether the file is missing or starts with this log's header (an older manifest
+        has fewer columns: compact it before appending)."""
+        if not self.path.exists():
+            return True
+        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            return next(csv.reader(f), None) == self.fields
+
+    def compact(self, keep=lambda row: True):
+        """Rewrite the file: the last row per key for which keep(row), sorted."""
+        with locked(self.path.parent):
+            rows = self.rows()
+            with atomic_write(self.path, "w", newline="", encoding="utf-8",
+                              errors="surrogateescape") as f:
+                f.write(",".join(self.fields) + CSV_LINE_END)
+                self._write(f, (row for _, row in sorted(rows.items()) if keep(row)))
+
+
+def write_all(f, data: bytes):
+    """Write all of `data` to the unbuffered binary file f (a raw write may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
+@contextmanager
+def locked(out: Path):
+    """Serialise manifest and metadata updates between --shard processes on one OUT.
+    Where the system has fcntl (Linux, macOS, BSD): flock on OUT/.soundnet.lock, which the
+    kernel releases when its holder dies. Elsewhere (Windows): see lock_file."""
+    try:
+        import fcntl
+    except ImportError:
+        with lock_file(out / f"{LOCK_FILE}.held"):
+            yield
+        return
+    with open(out / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# -- Windows only: no fcntl, no os.kill(pid, 0) --------------------------------------------------
+# The tests run this code on Linux with fcntl hidden (tests/test_cli_robustness.py, section 12);
+# _windows_process_alive runs on Windows alone.
+# Without fcntl the lock is a file created exclusively. Holders keep it for milliseconds, so
+# one this old was left by a process that died (on any machine).
+STALE_LOCK_SECONDS = 600.0
+
+
+@contextmanager
+def lock_file(path: Path, poll: float = 0.02):
+    """A lock held by creating `path` exclusively (O_CREAT | O_EXCL: atomic on every system
+    and on network file systems), holding "host pid token". A waiter takes over one whose
+    holder died: a pid not running on this host, or older than STALE_LOCK_SECONDS."""
+    me = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            remove_if_stale(path)
+            time.sleep(poll)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def remove_if_stale(path: Path):
+    """Remove the lock file `path` if its holder died (see lock_file), unless it was taken
+    again meanwhile."""
+    try:
+        holder = path.read_text(encoding="utf-8")
+        age = time.time() - path.stat().st_mtime
+    except (FileNotFoundError, UnicodeDecodeError):
+        return
+    host, _, rest = holder.partition(" ")
+    pid = rest.split(" ")[0]
+    dead = host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+    # An empty holder: created, not yet written (or died in between).
+    if dead or age > (STALE_LOCK_SECONDS if holder else 10.0):
+        try:
+            if path.read_text(encoding="utf-8") == holder:   # not retaken meanwhile
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _windows_process_alive(pid: int) -> bool:
+    """process_alive on Windows, through kernel32 (when unsure: True)."""
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x1000, False, pid)   # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.GetLastError() == 5   # access denied: it exists
+    code = ctypes.c_ulong()
+    ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+    kernel32.CloseHandle(handle)
+    return not ok or code.value == 259   # STILL_ACTIVE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,11 +831,17 @@ def pool_windows(frames, layer, duration_seconds: float, hop: float, window: flo
         _weighted_pool(frames, *window_weights(starts[i:i + chunk], ends[i:i + chunk],
                                                len(frames), layer), pool)
         for i in range(0, len(starts), chunk)])
+    return pooled_to_float32(vectors)
+
+
+def pooled_to_float32(values: np.ndarray) -> np.ndarray:
+    """Pooled (float64) values as float32; ValueError when one does not fit float32 (beyond
+    +-3.4e38), naming the largest magnitude."""
     with np.errstate(over="ignore"):
-        pooled = vectors.astype(np.float32)
+        pooled = values.astype(np.float32)
     if not np.isfinite(pooled).all():
         raise ValueError(f"pooled values beyond the float32 range (largest magnitude "
-                         f"{np.abs(vectors).max():.3g})")
+                         f"{np.abs(values).max():.3g})")
     return pooled
 
 

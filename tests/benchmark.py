@@ -116,7 +116,7 @@ def extract_many(waves, layers, *args, **kwargs):
 def extract_stream(blocks, layers, *args, **kwargs):
     return zeros(layers, sum(len(b) for b in blocks))
 
-marks, init, close = {{}}, extract_feats.Extraction.__init__, extract_feats.Extraction.close
+marks, init, close = {{}}, extract_feats.Batcher.__init__, extract_feats.Ledger.close
 
 def stubbed_init(self, *args, **kwargs):
     global net_module
@@ -133,7 +133,7 @@ def timed_close(self):
                       "main_thread_cpu_s": thread - marks["start"][0],
                       "process_cpu_s": process - marks["start"][1]}}))
 
-extract_feats.Extraction.__init__, extract_feats.Extraction.close = stubbed_init, timed_close
+extract_feats.Batcher.__init__, extract_feats.Ledger.close = stubbed_init, timed_close
 if __name__ == "__main__":
     sys.exit(extract_feats.main())
 """

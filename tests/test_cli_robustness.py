@@ -237,7 +237,7 @@ def test_full_disk_stops_at_once_keeps_what_is_done_and_rerun_finishes(
 def test_manifest_append_on_a_full_disk_leaves_whole_rows(corpus, tmp_path, monkeypatch, capsys):
     out = tmp_path / "raw"
     args = ["-i", corpus, "-o", out, "-f", ".wav", "--features", "pool5"]
-    real, calls = extract_feats.write_all, []
+    real, calls = soundnet_io.write_all, []
 
     def write_all(f, data):
         calls.append(1)
@@ -253,7 +253,7 @@ def test_manifest_append_on_a_full_disk_leaves_whole_rows(corpus, tmp_path, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
     with monkeypatch.context() as m:
-        m.setattr(extract_feats, "write_all", write_all)
+        m.setattr(soundnet_io, "write_all", write_all)
         m.setattr(os, "replace", replace)
         assert extract(*args) == 1
     assert "full" in one_error_line(capsys.readouterr().err)
@@ -437,6 +437,8 @@ def test_help_states_each_default_once(tool, n_defaults, capsys):
 
 
 # -- 12. systems without fcntl and fork (Windows) -------------------------------------------------
+# Windows is simulated on Linux here: fcntl hidden, fork not offered, so soundnet_io's
+# "Windows only" lock (and spawned workers) run; _windows_process_alive needs real Windows.
 
 WINDOWS_LIKE = """
 import multiprocessing, sys
@@ -475,10 +477,11 @@ def test_without_fcntl_and_fork_workers_and_shards_work(corpus, tmp_path):
 
 
 def test_lock_file_excludes_and_takes_over_a_dead_holder(tmp_path, monkeypatch):
+    """The lock without fcntl (Windows simulated on Linux: fcntl hidden)."""
     monkeypatch.setitem(sys.modules, "fcntl", None)
     held = tmp_path / ".soundnet.lock.held"
     # a holder that died: its pid is gone on this host
-    held.write_text(f"{extract_feats.socket.gethostname()} {dead_pid()} 0123")
+    held.write_text(f"{soundnet_io.socket.gethostname()} {dead_pid()} 0123")
     order = []
 
     def worker(name):
