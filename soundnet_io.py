@@ -891,7 +891,7 @@ def read_npy_header(f) -> tuple:
 
 
 def load_pickled_npy(path):
-    """The object that np.save(path, obj, allow_pickle=True) stored (a dict of arrays, say),
+    """The object that np.save(path, obj) stored as a pickle (a dict of arrays, say),
     unpickled with _ArraysOnlyUnpickler: a payload raises pickle.UnpicklingError naming the
     callable it asked for, and never runs. ValueError when the file is not such an object."""
     with open(path, "rb") as f:
