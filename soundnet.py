@@ -32,13 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soundnet_io import (SAMPLE_RATE, AudioError, FrameGrid, _ArraysOnlyUnpickler,  # noqa: F401
-                         atomic_write, load_audio, open_audio, pool_windows, tile_clip)
+from soundnet_io import (BATCH_SIZE, CHUNK_SECONDS, DEFAULT_FEATURES, SAMPLE_RATE,  # noqa: F401
+                         AudioError, FrameGrid, _ArraysOnlyUnpickler, atomic_write, load_audio,
+                         open_audio, pool_windows, tile_clip)
 
 __version__ = "1.0"         # soundnet.json records the git commit instead where there is one
 INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
 BN_EPS = 1e-5
-DEFAULT_FEATURES = ("conv7", "y_obj", "y_scns")
 
 # A clone keeps class names and weights in models/ beside this file. An installed copy has no
 # models/ there (a folder of that name beside it belongs to another package): its class names are
@@ -81,13 +81,8 @@ DEVICE_TILE_BYTES = 128 << 20
 # Devices whose tensors live in host memory: cache-sized tiles, per-row zero fills and
 # per-tensor weight checks cost nothing there. Every other device takes the few-launch path.
 HOST_DEVICES = ("cpu",)
-# `extract` runs inputs longer than this (plus the deepest layer's receptive field) in chunks.
-CHUNK_SECONDS = 240.0
-# `extract` of a list of waveforms: at most this many per network call, and at most this much
-# audio, padding included, so memory stays bounded. A call has a fixed cost, mostly reading the
-# heads' 44 MB of weights, that the batch shares: on 30 s waveforms (10 s clips tiled) 8 ran at
-# 1930x realtime on 2 CPU threads, against 1369x one at a time and 1855x for 16.
-BATCH_SIZE = 8
+# `extract` of a list of waveforms: at most BATCH_SIZE (soundnet_io) per network call, and at
+# most this much audio, padding included, so memory stays bounded.
 BATCH_SECONDS = 240.0
 # Inputs that are almost certainly a mistake. A 2-D array of at most MAX_CHANNELS columns and
 # over CHANNELS_LAST_RATIO times as many rows is (samples, channels) audio, not a batch (B, T).
