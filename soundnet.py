@@ -253,67 +253,8 @@ def _layer_list(layers) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks
+# IEEE float32 (before the class: its methods run inside it)
 # ---------------------------------------------------------------------------------------------
-
-def _check_wave(wave) -> tuple:
-    """A waveform (T,) or batch (B, T) of float samples in [-1, 1], as given (numpy array or
-    tensor; other sequences become numpy), after refusing with a ValueError what would
-    silently give wrong features: scalars, other ranks, an empty batch (0, T), a likely
-    (samples, channels) array, integer or non-real samples, NaN or infinity, or samples that
-    overflow float32 once scaled by INPUT_SCALE. Negative-stride numpy views are copied.
-    Returns (wave, peak |sample|)."""
-    if not isinstance(wave, (torch.Tensor, np.ndarray)):
-        wave = np.asarray(wave)
-    shape = tuple(wave.shape)
-    if len(shape) not in (1, 2):
-        got = "a scalar" if not shape else f"shape {shape}"
-        raise ValueError(f"expected a waveform (T,) or a batch (B, T), got {got}")
-    if len(shape) == 2 and shape[0] == 0:
-        raise ValueError(f"empty batch: shape {shape}")
-    if len(shape) == 2 and shape[1] <= MAX_CHANNELS and shape[0] > CHANNELS_LAST_RATIO * shape[1]:
-        raise ValueError(
-            f"shape {shape} looks like {shape[1]}-channel audio as (samples, channels); "
-            "SoundNet takes a mono waveform (T,) or a batch of them (B, T): downmix first "
-            "(wave.mean(axis=1)), or read the file with soundnet.load_audio, which does")
-    is_tensor = isinstance(wave, torch.Tensor)
-    if wave.dtype in (torch.bool, np.bool_) or (not wave.is_floating_point() if is_tensor else
-                                                 np.issubdtype(wave.dtype, np.integer)):
-        raise ValueError(
-            f"integer samples ({wave.dtype}): SoundNet expects float samples in [-1, 1]; "
-            "divide 16-bit PCM by 32768 (wave / 32768), or read the file with "
-            "soundnet.load_audio")
-    if not (is_tensor or np.issubdtype(wave.dtype, np.floating)):
-        raise ValueError(f"expected real float samples, got dtype {wave.dtype}")
-    if not is_tensor and min(wave.strides, default=0) < 0:   # torch cannot view these
-        wave = wave.copy()
-    peak = _peak(wave)
-    if not np.isfinite(peak):
-        raise ValueError("the waveform contains NaN or infinite samples")
-    if peak > OVERFLOW_PEAK:
-        raise ValueError(f"samples up to {peak:.3g} overflow float32 once scaled by INPUT_SCALE="
-                         f"{INPUT_SCALE:g} (the largest that does not: {OVERFLOW_PEAK:.3g}); "
-                         "SoundNet expects float samples in [-1, 1]")
-    return wave, peak
-
-
-def _warn_if_loud(peak: float) -> bool:
-    """Warn if a waveform's peak is far outside [-1, 1]; True if it did."""
-    if peak > LOUD_PEAK:
-        warnings.warn(f"waveform peak above {LOUD_PEAK}: SoundNet expects samples in [-1, 1] "
-                      f"(it scales by INPUT_SCALE={INPUT_SCALE:g} itself). Integer PCM "
-                      "converted to float without dividing by 32768?", stacklevel=2)
-    return peak > LOUD_PEAK
-
-
-def _peak(wave) -> float:
-    """max |sample| (NaN if any is NaN); 0 for no samples or shapes only (meta device)."""
-    if not wave.shape[-1] or (isinstance(wave, torch.Tensor) and wave.is_meta):
-        return 0.0
-    if isinstance(wave, torch.Tensor):
-        return float(wave.detach().abs().max())
-    return float(max(np.max(wave), -np.min(wave)))   # NaN if any; no |wave| copy
-
 
 @contextmanager
 def _ieee_float32():
@@ -559,7 +500,7 @@ class SoundNet(nn.Module):
         """Centre time in seconds of each frame of `layer` (see Layer.timestamps)."""
         return get_layer(layer).timestamps(n_frames)
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- inputs onto the device -------------------------------------------------------------
 
     @staticmethod
     def _pieces(blocks: Iterable, size: int):
@@ -599,6 +540,35 @@ class SoundNet(nn.Module):
         if self._device.type == "cuda" and x.device.type == "cpu":
             return x.pin_memory().to(self._device, non_blocking=True)
         return x.to(self._device)
+
+    # -- the fast path, in the order it runs: fold the weights, run the blocks ---------------
+
+    def _fused_weights(self, wanted: dict) -> list:
+        """[_BlockWeights] of BLOCKS up to the deepest of `wanted` ({Torch index: name}), with
+        eval-mode batch norm folded in. Cached, and rebuilt whenever a value it was built from
+        (parameters, running statistics, eps) changed. The check compares values, as edits
+        through `.data` bypass every version counter; it reads 2.8M numbers, 1-1.6 ms on the CPU
+        (README, Python API), with one synchronisation on a GPU (_same_values)."""
+        modules = [m for m in self.features if isinstance(m, (nn.Conv1d, nn.BatchNorm1d))]
+        pairs, first = [], 0   # first: Torch index of the block's first module, minus 1
+        for conv, bn, block in zip(modules[0::2], modules[1::2], BLOCKS):
+            if first >= max(wanted):
+                break
+            pairs.append((conv, bn))
+            first += block.n_modules
+        sources = [t for conv, bn in pairs for t in (conv.weight, conv.bias, bn.weight, bn.bias,
+                                                     bn.running_mean, bn.running_var, bn.eps)]
+        cached = self._fused
+        if (cached is None or len(cached[1]) < len(pairs)
+                or not _same_values(cached[0][:len(sources)], sources)):
+            snapshot = [t.detach().clone() if isinstance(t, torch.Tensor) else t
+                        for t in sources]
+            weights, silence = [], np.zeros(1)   # the network's input on silence: zero
+            for block, (conv, bn) in zip(BLOCKS, pairs):
+                block_weights, silence = _gemm_weights(block, conv, bn, silence)
+                weights.append(block_weights)
+            self._fused = cached = (snapshot, weights)
+        return cached[1][:len(pairs)]
 
     def _extract(self, x: torch.Tensor, wanted: dict, lengths=None, weights=None) -> dict:
         """x: (B, T) scaled input; wanted: {Torch index: name}; lengths: samples of each row
@@ -664,40 +634,21 @@ class SoundNet(nn.Module):
         counts = torch.tensor([[LAYERS[end].n_frames(n) for n in lengths] for end in ends])
         return self._to_device(counts)
 
-    def _fused_weights(self, wanted: dict) -> list:
-        """[_BlockWeights] of BLOCKS up to the deepest of `wanted` ({Torch index: name}), with
-        eval-mode batch norm folded in. Cached, and rebuilt whenever a value it was built from
-        (parameters, running statistics, eps) changed. The check compares values, as edits
-        through `.data` bypass every version counter; it reads 2.8M numbers, 1-1.6 ms on the CPU
-        (README, Python API), with one synchronisation on a GPU (_same_values)."""
-        modules = [m for m in self.features if isinstance(m, (nn.Conv1d, nn.BatchNorm1d))]
-        pairs, first = [], 0   # first: Torch index of the block's first module, minus 1
-        for conv, bn, block in zip(modules[0::2], modules[1::2], BLOCKS):
-            if first >= max(wanted):
-                break
-            pairs.append((conv, bn))
-            first += block.n_modules
-        sources = [t for conv, bn in pairs for t in (conv.weight, conv.bias, bn.weight, bn.bias,
-                                                     bn.running_mean, bn.running_var, bn.eps)]
-        cached = self._fused
-        if (cached is None or len(cached[1]) < len(pairs)
-                or not _same_values(cached[0][:len(sources)], sources)):
-            snapshot = [t.detach().clone() if isinstance(t, torch.Tensor) else t
-                        for t in sources]
-            weights, silence = [], np.zeros(1)   # the network's input on silence: zero
-            for block, (conv, bn) in zip(BLOCKS, pairs):
-                block_weights, silence = _gemm_weights(block, conv, bn, silence)
-                weights.append(block_weights)
-            self._fused = cached = (snapshot, weights)
-        return cached[1][:len(pairs)]
 
+# ---------------------------------------------------------------------------------------------
+# The fast path, continued: the folded weights, one block, its GEMM weights, the matmul
+# ---------------------------------------------------------------------------------------------
 
-def _float32(wave) -> torch.Tensor:
-    """A checked waveform as a float32 tensor where it is; numpy input is converted by numpy,
-    so no float64 tensor is made (MPS has none)."""
-    if isinstance(wave, torch.Tensor):
-        return wave.to(torch.float32)
-    return torch.as_tensor(np.asarray(wave, dtype=np.float32))
+@dataclass(frozen=True)
+class _BlockWeights:
+    """One block's weights for `extract` as matrices over rows of time-major input frames
+    (float32, on the network's device; see _gemm_weights)."""
+    weight: torch.Tensor        # (span * C_in, pool * C_out): conv and batch norm, every pool step
+    bias: torch.Tensor          # (C_out,)
+    bn_weight: torch.Tensor     # (kernel * C_in, C_out): conv and batch norm, one frame
+    conv_weight: torch.Tensor   # (kernel * C_in, C_out): the convolution alone
+    conv_bias: torch.Tensor     # (C_out,)
+    silence: Optional[torch.Tensor]   # (C_in,): subtracted from the input first, or None
 
 
 def _same_values(snapshot: list, sources: list) -> bool:
@@ -712,97 +663,6 @@ def _same_values(snapshot: list, sources: list) -> bool:
         return all(torch.equal(a, b) for a, b in tensors)
     return torch.equal(torch.cat([a.flatten() for a, _ in tensors]),
                        torch.cat([b.flatten() for _, b in tensors]))
-
-
-def _like(wave, feats: dict) -> dict:
-    """Features as numpy for a numpy (or list) input, as contiguous tensors for a tensor."""
-    if isinstance(wave, torch.Tensor):
-        return {name: f.contiguous() for name, f in feats.items()}
-    return {name: f.cpu().numpy() for name, f in feats.items()}
-
-
-def _join(pieces: list) -> torch.Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-
-
-def _check_lengths(layers, n_samples: int) -> dict:
-    """{Torch index: canonical name}, after checking the input is long enough for each."""
-    for layer in layers:
-        if n_samples < layer.min_samples:
-            raise ValueError(too_short_message(layer, n_samples) + (
-                "; to get y_obj / y_scns from a shorter clip, repeat it as extract_feats.py "
-                "does: net.extract(soundnet.tile_clip(wave), ...)" if layer.index > 24 else ""))
-    if not layers:
-        raise ValueError("no layers requested")
-    return {layer.index: layer.name for layer in layers}
-
-
-@dataclass(frozen=True)
-class _BlockWeights:
-    """One block's weights for `extract` as matrices over rows of time-major input frames
-    (float32, on the network's device; see _gemm_weights)."""
-    weight: torch.Tensor        # (span * C_in, pool * C_out): conv and batch norm, every pool step
-    bias: torch.Tensor          # (C_out,)
-    bn_weight: torch.Tensor     # (kernel * C_in, C_out): conv and batch norm, one frame
-    conv_weight: torch.Tensor   # (kernel * C_in, C_out): the convolution alone
-    conv_bias: torch.Tensor     # (C_out,)
-    silence: Optional[torch.Tensor]   # (C_in,): subtracted from the input first, or None
-
-
-def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d,
-                  silence: np.ndarray) -> tuple:
-    """The block's convolution, batch norm and max-pool window as one matrix.
-
-    Row r of the GEMM input holds the block.span input frames (time-major, all channels) that
-    pooled output frame r reads; column (i, c) is convolution output i of the pool window for
-    channel c. So conv + pool is one stride-1 matrix product and a max over i. Batch norm is a
-    per-channel affine map folded into weight and bias; ReLU and the per-channel bias commute
-    with the max, so they are applied after it.
-    silence: (C_in,) or (1,) the block's input on digital silence (away from the edges). The
-    block subtracts it from its input (after conv1, whose input on silence is 0), and the
-    biases add back its product, in float64: on silence or DC, a block's input is a large
-    constant per channel, and float32 sums make the same rounding error in every frame, which
-    the batch norms magnify (conv6 to 2e-5 of peak); the input minus its silence value sums
-    small numbers instead (all layers within 2e-6 of peak of float64 on 121 DC levels).
-    Computed in float64 on the host from the weights alone, rounded once to float32 on their
-    device (no float64 tensor anywhere: MPS has none). Returns (_BlockWeights, the block's
-    output on silence (C_out,) float64).
-    """
-    def host(t):
-        return t.detach().cpu().numpy().astype(np.float64)
-
-    weight = host(conv.weight)                                    # (C_out, C_in, k)
-    scale = host(bn.weight) / np.sqrt(host(bn.running_var) + bn.eps)
-    folded = weight * scale[:, None, None]
-    bias = (host(conv.bias) - host(bn.running_mean)) * scale + host(bn.bias)
-    c_out, c_in, k = weight.shape
-    matrix = np.zeros((block.span, c_in, block.pool, c_out))
-    for i in range(block.pool):
-        matrix[i * block.stride:i * block.stride + k, :, i] = folded.transpose(2, 1, 0)
-    taps = matrix[:k, :, 0].reshape(k * c_in, c_out)              # pool position 0: one frame
-    conv_taps = weight.transpose(2, 1, 0).reshape(k * c_in, c_out)
-    centre = np.broadcast_to(silence, (c_in,)).astype(np.float32)   # exactly what is subtracted
-    silence_out = np.maximum(bias + folded.sum(2) @ centre, 0)   # a max-pool keeps a constant
-    row = np.tile(centre.astype(np.float64), k)                    # one GEMM row of silence
-    bias, conv_bias = bias + row @ taps, host(conv.bias) + row @ conv_taps
-
-    def device(a):
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(conv.weight.device)
-
-    weights = device(matrix.reshape(block.span * c_in, block.pool * c_out))
-    return _BlockWeights(weights, device(bias), weights if block.pool == 1 else device(taps),
-                         device(conv_taps), device(conv_bias),
-                         device(centre) if centre.any() else None), silence_out
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b, with a padded to at least MIN_GEMM_ROWS rows: below that, torch's CPU matrix
-    product takes another kernel whose rounding differs, so a row's result would depend on how
-    many rows share the call (batch composition, file length). From that size on, each row's
-    result is bit-identical whatever the row count (measured with MKL, 1 and 2 threads)."""
-    if a.shape[0] >= MIN_GEMM_ROWS:
-        return a @ b
-    return (F.pad(a, (0, 0, 0, MIN_GEMM_ROWS - a.shape[0])) @ b)[:a.shape[0]]
 
 
 def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: ConvBlock,
@@ -871,6 +731,156 @@ def _block_by_module(x: torch.Tensor, w: _BlockWeights, block: ConvBlock, pad_af
     if upto < block.n_modules:
         return out, None
     return out, F.pad(y, (0, 0, pad_after, pad_after))
+
+
+def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d,
+                  silence: np.ndarray) -> tuple:
+    """The block's convolution, batch norm and max-pool window as one matrix.
+
+    Row r of the GEMM input holds the block.span input frames (time-major, all channels) that
+    pooled output frame r reads; column (i, c) is convolution output i of the pool window for
+    channel c. So conv + pool is one stride-1 matrix product and a max over i. Batch norm is a
+    per-channel affine map folded into weight and bias; ReLU and the per-channel bias commute
+    with the max, so they are applied after it.
+    silence: (C_in,) or (1,) the block's input on digital silence (away from the edges). The
+    block subtracts it from its input (after conv1, whose input on silence is 0), and the
+    biases add back its product, in float64: on silence or DC, a block's input is a large
+    constant per channel, and float32 sums make the same rounding error in every frame, which
+    the batch norms magnify (conv6 to 2e-5 of peak); the input minus its silence value sums
+    small numbers instead (all layers within 2e-6 of peak of float64 on 121 DC levels).
+    Computed in float64 on the host from the weights alone, rounded once to float32 on their
+    device (no float64 tensor anywhere: MPS has none). Returns (_BlockWeights, the block's
+    output on silence (C_out,) float64).
+    """
+    def host(t):
+        return t.detach().cpu().numpy().astype(np.float64)
+
+    weight = host(conv.weight)                                    # (C_out, C_in, k)
+    scale = host(bn.weight) / np.sqrt(host(bn.running_var) + bn.eps)
+    folded = weight * scale[:, None, None]
+    bias = (host(conv.bias) - host(bn.running_mean)) * scale + host(bn.bias)
+    c_out, c_in, k = weight.shape
+    matrix = np.zeros((block.span, c_in, block.pool, c_out))
+    for i in range(block.pool):
+        matrix[i * block.stride:i * block.stride + k, :, i] = folded.transpose(2, 1, 0)
+    taps = matrix[:k, :, 0].reshape(k * c_in, c_out)              # pool position 0: one frame
+    conv_taps = weight.transpose(2, 1, 0).reshape(k * c_in, c_out)
+    centre = np.broadcast_to(silence, (c_in,)).astype(np.float32)   # exactly what is subtracted
+    silence_out = np.maximum(bias + folded.sum(2) @ centre, 0)   # a max-pool keeps a constant
+    row = np.tile(centre.astype(np.float64), k)                    # one GEMM row of silence
+    bias, conv_bias = bias + row @ taps, host(conv.bias) + row @ conv_taps
+
+    def device(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(conv.weight.device)
+
+    weights = device(matrix.reshape(block.span * c_in, block.pool * c_out))
+    return _BlockWeights(weights, device(bias), weights if block.pool == 1 else device(taps),
+                         device(conv_taps), device(conv_bias),
+                         device(centre) if centre.any() else None), silence_out
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, with a padded to at least MIN_GEMM_ROWS rows: below that, torch's CPU matrix
+    product takes another kernel whose rounding differs, so a row's result would depend on how
+    many rows share the call (batch composition, file length). From that size on, each row's
+    result is bit-identical whatever the row count (measured with MKL, 1 and 2 threads)."""
+    if a.shape[0] >= MIN_GEMM_ROWS:
+        return a @ b
+    return (F.pad(a, (0, 0, 0, MIN_GEMM_ROWS - a.shape[0])) @ b)[:a.shape[0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+
+def _check_wave(wave) -> tuple:
+    """A waveform (T,) or batch (B, T) of float samples in [-1, 1], as given (numpy array or
+    tensor; other sequences become numpy), after refusing with a ValueError what would
+    silently give wrong features: scalars, other ranks, an empty batch (0, T), a likely
+    (samples, channels) array, integer or non-real samples, NaN or infinity, or samples that
+    overflow float32 once scaled by INPUT_SCALE. Negative-stride numpy views are copied.
+    Returns (wave, peak |sample|)."""
+    if not isinstance(wave, (torch.Tensor, np.ndarray)):
+        wave = np.asarray(wave)
+    shape = tuple(wave.shape)
+    if len(shape) not in (1, 2):
+        got = "a scalar" if not shape else f"shape {shape}"
+        raise ValueError(f"expected a waveform (T,) or a batch (B, T), got {got}")
+    if len(shape) == 2 and shape[0] == 0:
+        raise ValueError(f"empty batch: shape {shape}")
+    if len(shape) == 2 and shape[1] <= MAX_CHANNELS and shape[0] > CHANNELS_LAST_RATIO * shape[1]:
+        raise ValueError(
+            f"shape {shape} looks like {shape[1]}-channel audio as (samples, channels); "
+            "SoundNet takes a mono waveform (T,) or a batch of them (B, T): downmix first "
+            "(wave.mean(axis=1)), or read the file with soundnet.load_audio, which does")
+    is_tensor = isinstance(wave, torch.Tensor)
+    if wave.dtype in (torch.bool, np.bool_) or (not wave.is_floating_point() if is_tensor else
+                                                 np.issubdtype(wave.dtype, np.integer)):
+        raise ValueError(
+            f"integer samples ({wave.dtype}): SoundNet expects float samples in [-1, 1]; "
+            "divide 16-bit PCM by 32768 (wave / 32768), or read the file with "
+            "soundnet.load_audio")
+    if not (is_tensor or np.issubdtype(wave.dtype, np.floating)):
+        raise ValueError(f"expected real float samples, got dtype {wave.dtype}")
+    if not is_tensor and min(wave.strides, default=0) < 0:   # torch cannot view these
+        wave = wave.copy()
+    peak = _peak(wave)
+    if not np.isfinite(peak):
+        raise ValueError("the waveform contains NaN or infinite samples")
+    if peak > OVERFLOW_PEAK:
+        raise ValueError(f"samples up to {peak:.3g} overflow float32 once scaled by INPUT_SCALE="
+                         f"{INPUT_SCALE:g} (the largest that does not: {OVERFLOW_PEAK:.3g}); "
+                         "SoundNet expects float samples in [-1, 1]")
+    return wave, peak
+
+
+def _warn_if_loud(peak: float) -> bool:
+    """Warn if a waveform's peak is far outside [-1, 1]; True if it did."""
+    if peak > LOUD_PEAK:
+        warnings.warn(f"waveform peak above {LOUD_PEAK}: SoundNet expects samples in [-1, 1] "
+                      f"(it scales by INPUT_SCALE={INPUT_SCALE:g} itself). Integer PCM "
+                      "converted to float without dividing by 32768?", stacklevel=2)
+    return peak > LOUD_PEAK
+
+
+def _peak(wave) -> float:
+    """max |sample| (NaN if any is NaN); 0 for no samples or shapes only (meta device)."""
+    if not wave.shape[-1] or (isinstance(wave, torch.Tensor) and wave.is_meta):
+        return 0.0
+    if isinstance(wave, torch.Tensor):
+        return float(wave.detach().abs().max())
+    return float(max(np.max(wave), -np.min(wave)))   # NaN if any; no |wave| copy
+
+
+def _check_lengths(layers, n_samples: int) -> dict:
+    """{Torch index: canonical name}, after checking the input is long enough for each."""
+    for layer in layers:
+        if n_samples < layer.min_samples:
+            raise ValueError(too_short_message(layer, n_samples) + (
+                "; to get y_obj / y_scns from a shorter clip, repeat it as extract_feats.py "
+                "does: net.extract(soundnet.tile_clip(wave), ...)" if layer.index > 24 else ""))
+    if not layers:
+        raise ValueError("no layers requested")
+    return {layer.index: layer.name for layer in layers}
+
+
+def _float32(wave) -> torch.Tensor:
+    """A checked waveform as a float32 tensor where it is; numpy input is converted by numpy,
+    so no float64 tensor is made (MPS has none)."""
+    if isinstance(wave, torch.Tensor):
+        return wave.to(torch.float32)
+    return torch.as_tensor(np.asarray(wave, dtype=np.float32))
+
+
+def _like(wave, feats: dict) -> dict:
+    """Features as numpy for a numpy (or list) input, as contiguous tensors for a tensor."""
+    if isinstance(wave, torch.Tensor):
+        return {name: f.contiguous() for name, f in feats.items()}
+    return {name: f.cpu().numpy() for name, f in feats.items()}
+
+
+def _join(pieces: list) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
