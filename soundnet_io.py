@@ -46,8 +46,8 @@ DEFAULT_FEATURES = ("conv7", "y_obj", "y_scns")
 # `extract` runs inputs longer than this (plus the deepest layer's receptive field) in chunks.
 CHUNK_SECONDS = 240.0
 # `extract` of a list of waveforms: at most this many per network call. A call has a fixed cost,
-# mostly reading the heads' weights, that the batch shares; docs/performance.md gives the
-# speeds of batch sizes around this one.
+# mostly reading the heads' weights, that the batch shares (what that gains: docs/performance.md,
+# the default against --batch-size 1).
 BATCH_SIZE = 8
 
 # ---------------------------------------------------------------------------------------------
