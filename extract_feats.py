@@ -39,9 +39,10 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from soundnet_io import (CHANNEL_POLICIES, METADATA_FILE, MIN_SECONDS, RESAMPLING_RULE,
-                         SAMPLE_RATE, TILING_RULE, AudioError, CsvLog, atomic_write,
-                         die_with_parent, ffmpeg_version, locked, open_audio,
+from soundnet_io import (BATCH_SIZE, CHANNEL_POLICIES, CHUNK_SECONDS, DEFAULT_FEATURES,
+                         METADATA_FILE, MIN_SECONDS, RESAMPLING_RULE, SAMPLE_RATE, TILING_RULE,
+                         AudioError, CsvLog, atomic_write, die_with_parent, ffmpeg_version,
+                         locked, open_audio,
                          remove_stale_partials, save_array, tile_clip, write_failure)
 
 MANIFEST = "manifest.csv"
@@ -57,7 +58,7 @@ QUEUE_BLOCKS = 24    # messages (a decoded block: ~10 s) a worker may run ahead 
 WAIT_SECONDS = 1.0   # a waiting worker checks this often that the main process lives
 POLL_SECONDS = 0.1   # the main process, waiting for a file, checks this often for a stop
 REAP_SECONDS = 10.0  # a worker whose pipe closed has this long to exit, for its exit code
-CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64   # files per network call (soundnet.BATCH_SIZE)
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = BATCH_SIZE, 64   # files per network call
 # Short files wait in a window of up to this many batches (and this much tiled audio for a
 # batch of CPU_BATCH_SIZE, in proportion for other sizes: every tiled clip is >= 20 s, so 64
 # such clips need 1280 s) so they can be sorted by length: batches then hold files of nearly
@@ -96,9 +97,9 @@ def parse_args(argv):
     p.add_argument("-f", "--ext", nargs="+", default=[".mp3"],
                    help="file extensions to take, any case, e.g. -f .mp3 .wav .flac; videos "
                         "and other formats, e.g. -f .mp4 .mkv .webm, need ffmpeg (default: .mp3)")
-    p.add_argument("--features", nargs="+", default=["conv7", "y_obj", "y_scns"],
+    p.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES),
                    help="feature names (conv1..conv7, pool1, pool2, pool5, y_obj, y_scns) "
-                        "or Torch module indices 1-26 (default: conv7 y_obj y_scns)")
+                        f"or Torch module indices 1-26 (default: {' '.join(DEFAULT_FEATURES)})")
     p.add_argument("--min-seconds", type=float, default=MIN_SECONDS,
                    help="repeat shorter audio whole, floor(L/n)+1 times for n < L samples, as "
                         f"the earlier port did; 0: no tiling (default: {MIN_SECONDS:g})")
@@ -117,7 +118,7 @@ def parse_args(argv):
                         "torch sees one (default: auto)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="files per network call, of any lengths, grouped by length; files "
-                        "over 4 minutes stream alone (default: "
+                        f"over {CHUNK_SECONDS / 60:g} minutes stream alone (default: "
                         f"{CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on a GPU)")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="process only the K-th of N deterministic parts of the inputs (1 <= K "

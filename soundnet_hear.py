@@ -8,8 +8,8 @@
 Timestamp embeddings: TIMESTAMP_LAYERS, one vector per frame of the first layer (conv4: a hop of
 1024 samples, 46.4 ms) whose centre lies inside the clip; a later layer contributes its frame
 centred nearest that time. Scene embeddings: SCENE_LAYER averaged over its frames, a clip shorter
-than SCENE_MIN_SECONDS first tiled to that length. README ("HEAR 2021 API") gives the probe
-results these choices rest on (tests/probe_hear.py).
+than SCENE_MIN_SECONDS first tiled to that length. docs/hear.md gives the probe results these
+choices rest on (tests/probe_hear.py).
 """
 from pathlib import Path
 

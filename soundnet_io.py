@@ -44,6 +44,15 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 22050          # Hz; the rate SoundNet was trained on
+# soundnet.py's defaults, here so that extract_feats.py can read them before it imports torch
+# (its decode workers fork first). soundnet re-exports them.
+DEFAULT_FEATURES = ("conv7", "y_obj", "y_scns")
+# `extract` runs inputs longer than this (plus the deepest layer's receptive field) in chunks.
+CHUNK_SECONDS = 240.0
+# `extract` of a list of waveforms: at most this many per network call. A call has a fixed cost,
+# mostly reading the heads' weights, that the batch shares (what that gains: docs/performance.md,
+# the default against --batch-size 1).
+BATCH_SIZE = 8
 
 # ---------------------------------------------------------------------------------------------
 # Audio
