@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from soundnet_io import (BATCH_SIZE, CHUNK_SECONDS, DEFAULT_FEATURES, SAMPLE_RATE,  # noqa: F401
-                         AudioError, FrameGrid, _ArraysOnlyUnpickler, atomic_write, load_audio,
-                         open_audio, pool_windows, tile_clip)
+                         AudioError, FrameGrid, atomic_write, load_audio, open_audio,
+                         pool_windows, read_pickled_npy, tile_clip)
 
 __version__ = "1.0"         # soundnet.json records the git commit instead where there is one
 INPUT_SCALE = 256.0          # waveform [-1, 1] -> network input [-256, 256]
@@ -933,9 +933,7 @@ def load_weights(path) -> tuple:
             while data := f.read(HASH_READ_BYTES):   # a piece at a time: memory stays small
                 digest.update(data)
             f.seek(0)
-            np.lib.format.read_magic(f)
-            np.lib.format.read_array_header_1_0(f)
-            weights = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+            weights = read_pickled_npy(f)
     except pickle.UnpicklingError as e:
         raise WeightsError(f"{path}: {e}") from None
     except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError,
@@ -943,8 +941,6 @@ def load_weights(path) -> tuple:
         raise WeightsError(f"{path}: not a readable SoundNet weight file "
                            f"(truncated or another format): {type(e).__name__}: {e}") from None
     digest = digest.hexdigest()
-    if isinstance(weights, np.ndarray) and weights.dtype == object and weights.shape == ():
-        weights = weights.item()
     if not isinstance(weights, dict):
         raise WeightsError(f"{path}: expected a dict of layers, found {type(weights).__name__}")
     for key, shape in expected_weight_shapes().items():

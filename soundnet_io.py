@@ -900,14 +900,19 @@ def read_npy_header(f) -> tuple:
 
 
 def load_pickled_npy(path):
-    """The object that np.save(path, obj) stored as a pickle (a dict of arrays, say),
-    unpickled with _ArraysOnlyUnpickler: a payload raises pickle.UnpicklingError naming the
-    callable it asked for, and never runs. ValueError when the file is not such an object."""
+    """The object that np.save(path, obj) stored as a pickle (see read_pickled_npy)."""
     with open(path, "rb") as f:
-        shape, _, dtype = read_npy_header(f)
-        if dtype != object:
-            raise ValueError(f"a plain {dtype} array, not a pickled object")
-        value = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+        return read_pickled_npy(f)
+
+
+def read_pickled_npy(f):
+    """The object (a dict of arrays, say) in the .npy open in f, from its start, unpickled with
+    _ArraysOnlyUnpickler: a payload raises pickle.UnpicklingError naming the callable it asked
+    for, and never runs. ValueError when the file is not such an object."""
+    shape, _, dtype = read_npy_header(f)
+    if dtype != object:
+        raise ValueError(f"a plain {dtype} array, not a pickled object")
+    value = _ArraysOnlyUnpickler(f, encoding="latin1").load()
     if isinstance(value, np.ndarray) and value.dtype == object and value.shape == ():
         value = value.item()   # np.save(path, a_dict) stores a 0-d object array
     return value
