@@ -266,19 +266,24 @@ def check_folders(raw: Path, feature: str, out_dir: Path):
         raise UsageError(f"-i {raw}: " + ("is a file, not a folder" if raw.exists() else
                                           "no such folder") + "; give the folder "
                          "extract_feats.py wrote (its -o)")
-    # Vectors written among the feature folders would be taken for features (and a later
-    # extraction would skip files as done), and pooling RAW into OUT would mix the two.
-    raw_real, out_real = raw.resolve(), out_dir.resolve()
-    if raw_real in (out_real, *out_real.parents) or out_real in raw_real.parents:
-        where = ("is" if out_real == raw_real else
-                 "is inside" if raw_real in out_real.parents else "holds")
-        raise UsageError(f"-o {out_dir} {where} the input -i {raw}: choose a folder outside it")
+    check_apart(raw, out_dir)
     if not feature_dir.is_dir():
         if (raw.parent / METADATA_FILE).is_file() and any(raw.glob("**/*.npy")):
             raise UsageError(f"-i {raw} is a feature folder: give its parent and the feature, "
                              f"-i {raw.parent} -f {raw.name}")
         found = ", ".join(list_features(raw)) or "none"
         raise UsageError(f"no feature folder {feature_dir}; features found in {raw}: {found}")
+
+
+def check_apart(raw: Path, out_dir: Path):
+    """UsageError when OUT is RAW, lies inside it or holds it: vectors written among the
+    feature folders would be taken for features (and a later extraction would skip files as
+    done), and pooling RAW into OUT would mix the two."""
+    raw_real, out_real = raw.resolve(), out_dir.resolve()
+    if raw_real in (out_real, *out_real.parents) or out_real in raw_real.parents:
+        where = ("is" if out_real == raw_real else
+                 "is inside" if raw_real in out_real.parents else "holds")
+        raise UsageError(f"-o {out_dir} {where} the input -i {raw}: choose a folder outside it")
 
 
 def claim_output(out_dir: Path, keys: list, settings: dict) -> bool:
@@ -441,15 +446,13 @@ def plan_earlier_port(args, keys: list) -> tuple:
         raise UsageError(f"-i {args.input} holds the earlier port's files, which record no "
                          "clip durations (and tiled short clips): --hop needs "
                          "extract_feats.py's manifest.csv; extract the audio again")
-    raw, out_dir = args.input.resolve(), args.output.resolve()
-    if raw in (out_dir, *out_dir.parents):
-        raise UsageError(f"output {args.output} is inside the input {args.input}; "
-                         "choose another folder")
+    check_apart(args.input, args.output)
     print(f"{args.input}: the earlier port's format (a pickled dict per file, no "
           f"{METADATA_FILE}), read without running code: pooling its {key!r}, which is "
           f"Torch module {index} ({name}" + (", before batch norm; this project's conv7 is "
           "module 24" if key == "conv7" else "") + ")", file=sys.stderr)
-    settings = {"feature": name, "torch_index": index, "input": str(raw), "pool": args.pool,
+    settings = {"feature": name, "torch_index": index, "input": str(args.input.resolve()),
+                "pool": args.pool,
                 "read": f"the earlier PyTorch port's <stem>.npy: a pickled dict whose {key!r} "
                         "(1, C, T, 1) array gives the (T, C) frames"}
     return args.input, keys, settings, \
