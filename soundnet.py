@@ -324,7 +324,7 @@ class SoundNet(nn.Module):
         self.features = nn.Sequential(*modules)
         self.conv8, self.conv8_2 = (nn.Conv1d(h.in_channels, h.out_channels, h.kernel, h.stride)
                                     for h in HEADS)
-        self._fused = None   # (parameter versions, fused GEMM weights) for `extract`
+        self._fused = None   # (snapshot of the values folded, [_BlockWeights]) for `extract`
         self.weights_sha256 = None   # of the file from_pretrained loaded
 
     @classmethod
